@@ -1,0 +1,5 @@
+"""`python -m localmix` is the `localmix` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,126 @@
+"""The `localmix` command: thin glue over the functions of the package.
+
+Every subcommand parses its flags, calls one function and prints the result. Errors a user
+can cause are `LocalmixError`s, printed by `main` as one line on stderr with a non-zero exit
+code (2 for bad input, 1 for I/O faults, 130 for Ctrl-C); anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from .errors import EXIT_INTERRUPTED, LocalmixError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Run Mixtral-class mixture-of-experts models on your own desktop.")
+err = Console(stderr=True, highlight=False)
+
+from .convert import FILE_TYPES  # noqa: E402
+
+# typer vendors click from 0.29 on; take its exception class from typer itself.
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+@app.command()
+def quantize(
+    src: Path = typer.Argument(..., help="Folder of a downloaded Hugging Face checkpoint (config.json, *.safetensors, tokenizer.model)."),
+    out: Path = typer.Argument(..., help="The GGUF file to write."),
+    type_: str = typer.Option("Q8_0", "--type", "-t", help=f"Tensor type of the weights: {', '.join(FILE_TYPES)}."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
+):
+    """Convert a Hugging Face checkpoint to a GGUF file, streaming one tensor at a time."""
+    from .convert import convert
+    from .info import human_bytes
+    from .progress import ConvertProgress
+
+    with ConvertProgress(err) as progress:
+        result = convert(src, out, type_.upper(), force=force, progress=progress)
+    if err.is_terminal:
+        err.print(f"wrote {result.path} ({result.file_type}, {result.n_tensors} tensors, {human_bytes(result.n_bytes)})")
+
+
+@app.command()
+def info(
+    file: Path = typer.Argument(..., help="A GGUF file."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Show what a GGUF file holds: architecture, sizes, tensor types, tokenizer, chat template."""
+    from .info import describe, render
+
+    summary = describe(file)
+    if as_json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        summary["chat_template"] and summary["chat_template"].pop("text")
+        Console(highlight=False).print(render(summary))
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "localmix"
+
+
+@app.command()
+def demo(
+    directory: Path = typer.Option(None, "--dir", help="Where to put the demo checkpoint and GGUF [default: ~/.cache/localmix/demo]."),
+    tokens: int = typer.Option(24, "--tokens", help="How many tokens to generate."),
+):
+    """Build a tiny random Mixtral checkpoint, convert it to GGUF and run it with llama.cpp.
+
+    The weights are random, so the generated text is random by design: the demo shows the
+    whole path working, offline, in seconds. For a real model, download one (e.g.
+    `huggingface-cli download mistralai/Mixtral-8x7B-Instruct-v0.1 --local-dir mixtral`) and run
+    `localmix quantize mixtral mixtral.gguf`.
+    """
+    from .convert import convert
+    from .info import describe, render
+    from .progress import ConvertProgress
+    from .tiny import make_tiny_checkpoint
+
+    out = Console(highlight=False)
+    directory = directory or _cache_dir() / "demo"
+    src = make_tiny_checkpoint(directory / "tiny-mixtral")
+    out.print(f"[bold]1.[/] wrote a tiny random Mixtral checkpoint (Hugging Face layout) to {src}")
+    gguf_path = directory / "tiny-mixtral-Q8_0.gguf"
+    with ConvertProgress(err) as progress:
+        convert(src, gguf_path, "Q8_0", force=True, progress=progress)
+    out.print(f"[bold]2.[/] converted it to {gguf_path}:")
+    summary = describe(gguf_path)
+    summary["chat_template"].pop("text")
+    out.print(render(summary))
+    out.print("[bold]3.[/] llama.cpp runs it (random weights, so random text by design):")
+    _generate(gguf_path, "[INST] Tell me about mixtures of experts. [/INST]", tokens)
+
+
+def _generate(model: Path, prompt: str, max_tokens: int) -> None:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(model), n_ctx=256, verbose=False, seed=0)
+    for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True):
+        sys.stdout.write(chunk["choices"][0]["text"])
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning user errors into one line and an exit code."""
+    try:
+        code = app(args=argv, prog_name="localmix", standalone_mode=False)
+    except LocalmixError as e:
+        err.print(f"localmix: error: {e}", markup=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        code = EXIT_INTERRUPTED
+    # typer turns Ctrl-C into an exit code of 130 (older versions raise Abort instead)
+    if code == EXIT_INTERRUPTED:
+        err.print("localmix: interrupted", markup=False)
+    sys.exit(code if isinstance(code, int) else 0)

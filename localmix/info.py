@@ -1,0 +1,140 @@
+"""Summarise a GGUF file: architecture, hyper-parameters, parameters, sizes, types, tokenizer.
+
+`describe(path)` returns a plain dict (what `localmix info --json` prints); `render(info)`
+turns it into rich renderables for the terminal. The file is read with `gguf.GGUFReader`,
+memory-mapped, so a 26 GB model is summarised without reading its weights.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType, LlamaFileType
+
+from .errors import InputError
+
+HPARAMS = [  # (label, key suffix after "{arch}.")
+    ("context length", "context_length"), ("embedding length", "embedding_length"),
+    ("layers", "block_count"), ("feed-forward length", "feed_forward_length"),
+    ("attention heads", "attention.head_count"), ("KV heads", "attention.head_count_kv"),
+    ("experts", "expert_count"), ("experts per token", "expert_used_count"),
+    ("RoPE theta", "rope.freq_base"), ("RoPE dimensions", "rope.dimension_count"),
+    ("RMS norm epsilon", "attention.layer_norm_rms_epsilon"), ("vocab size", "vocab_size"),
+]
+
+
+def open_gguf(path: str | Path) -> GGUFReader:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} not found")
+    try:
+        return GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError) as e:
+        raise InputError(f"{path} is not a valid GGUF file, or it is truncated/corrupt ({e}); re-download or re-convert it") from None
+
+
+def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    r = open_gguf(path)
+    arch = field_value(r, "general.architecture", "unknown")
+    hparams = {suffix: field_value(r, f"{arch}.{suffix}") for _, suffix in HPARAMS}
+    hparams = {k: v for k, v in hparams.items() if v is not None}
+
+    n_expert = hparams.get("expert_count") or 0
+    n_used = hparams.get("expert_used_count") or 0
+    params = Counter()
+    sizes = Counter()
+    types = Counter()
+    for t in r.tensors:
+        part = "experts" if "_exps." in t.name else "other"
+        params[part] += int(t.n_elements)
+        sizes[part] += int(t.n_bytes)
+        types[t.tensor_type.name] += 1
+    total = params["experts"] + params["other"]
+    active = params["other"] + (params["experts"] * n_used // n_expert if n_expert else 0)
+
+    file_type = field_value(r, "general.file_type")
+    tokens = r.fields.get("tokenizer.ggml.tokens")
+    template = field_value(r, "tokenizer.chat_template")
+    return {
+        "path": str(path),
+        "architecture": arch,
+        "name": field_value(r, "general.name"),
+        "file_type": LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        if file_type in LlamaFileType._value2member_map_ else file_type,
+        "gguf_version": field_value(r, "GGUF.version"),
+        "hyperparameters": hparams,
+        "parameters": {"total": total, "active_per_token": active, "experts": params["experts"],
+                       "other": params["other"]},
+        "bytes": {"total": Path(path).stat().st_size, "experts": sizes["experts"], "other": sizes["other"]},
+        "bits_per_weight": round(8 * (sizes["experts"] + sizes["other"]) / total, 3) if total else None,
+        "tensor_types": dict(sorted(types.items())),
+        "n_tensors": len(r.tensors),
+        "tokenizer": {
+            "model": field_value(r, "tokenizer.ggml.model"),
+            "vocab_size": len(tokens.data) if tokens is not None else 0,
+            "bos_token_id": field_value(r, "tokenizer.ggml.bos_token_id"),
+            "eos_token_id": field_value(r, "tokenizer.ggml.eos_token_id"),
+            "unknown_token_id": field_value(r, "tokenizer.ggml.unknown_token_id"),
+            "add_bos_token": field_value(r, "tokenizer.ggml.add_bos_token"),
+            "add_eos_token": field_value(r, "tokenizer.ggml.add_eos_token"),
+        },
+        "chat_template": None if template is None else {
+            "length": len(template),
+            "format": "[INST]" if "[INST]" in template else "other",
+            "system_role": "system" in template,
+            "text": template,
+        },
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def human_count(n: int) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def render(info: dict[str, Any]):
+    """Rich renderables for `localmix info`."""
+    from rich.table import Table
+
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("file", info["path"])
+    t.add_row("name", str(info["name"]))
+    t.add_row("architecture", f"{info['architecture']}  (GGUF v{info['gguf_version']})")
+    t.add_row("file type", str(info["file_type"]))
+    for label, key in HPARAMS:
+        if key in info["hyperparameters"]:
+            t.add_row(label, f"{info['hyperparameters'][key]:g}" if isinstance(info["hyperparameters"][key], float)
+                      else str(info["hyperparameters"][key]))
+    p, b = info["parameters"], info["bytes"]
+    t.add_row("parameters", f"{human_count(p['total'])} total, {human_count(p['active_per_token'])} active per token")
+    t.add_row("size", f"{human_bytes(b['total'])}  ({info['bits_per_weight']} bits per weight)")
+    if p["experts"]:
+        t.add_row("  experts", f"{human_bytes(b['experts'])}  ({human_count(p['experts'])} parameters)")
+    t.add_row("  other" if p["experts"] else "  tensors", f"{human_bytes(b['other'])}  ({human_count(p['other'])} parameters)")
+    t.add_row("tensor types", ", ".join(f"{k} ×{v}" for k, v in info["tensor_types"].items()))
+    tok = info["tokenizer"]
+    t.add_row("tokenizer", f"{tok['model']}, {tok['vocab_size']} tokens, BOS {tok['bos_token_id']}, "
+              f"EOS {tok['eos_token_id']}, add BOS {tok['add_bos_token']}")
+    ct = info["chat_template"]
+    t.add_row("chat template", "none" if ct is None else
+              f"{ct['format']} format, {ct['length']} characters, {'with' if ct['system_role'] else 'no'} system role")
+    return t

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny checkpoints and their GGUF conversions, built once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from localmix.convert import convert
+from localmix.tiny import make_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+THREADS = min(2, os.cpu_count() or 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-mixtral")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-mistral", dense=True)
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, tiny_mixtral, tiny_mistral):
+    """converted(model, type) -> path of the GGUF, converting on first use."""
+    out_dir = tmp_path_factory.mktemp("gguf")
+    cache: dict[tuple[str, str], Path] = {}
+    sources = {"mixtral": tiny_mixtral, "mistral": tiny_mistral}
+
+    def get(model: str, file_type: str) -> Path:
+        if (model, file_type) not in cache:
+            cache[model, file_type] = convert(sources[model], out_dir / f"{model}-{file_type}.gguf", file_type).path
+        return cache[model, file_type]
+
+    return get
+
+
+def run_localmix(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python -m localmix ARGS` as a user would, capturing text output."""
+    return subprocess.run([sys.executable, "-m", "localmix", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=600, **kwargs)
+
+
+def load_llama(path: Path, n_ctx: int = 1024, **kwargs):
+    """llama.cpp (through llama-cpp-python) as the independent reader of our files.
+
+    The KV cache is float32 (llama.cpp's default is float16, which alone moves logits by
+    ~1e-2): what is measured is the file, not the cache.
+    """
+    from llama_cpp import GGML_TYPE_F32, Llama
+
+    kwargs.setdefault("type_k", GGML_TYPE_F32)
+    kwargs.setdefault("type_v", GGML_TYPE_F32)
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=THREADS, verbose=False,
+                 logits_all=True, seed=0, **kwargs)

@@ -1,0 +1,158 @@
+"""Every way a user can hand `localmix quantize` bad input or a bad place to write gets one
+clear line on stderr, a non-zero exit code, no traceback, and no file at OUT (nor a stray
+temporary file beside it)."""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_localmix
+from localmix.tiny import make_tiny_checkpoint
+
+
+@pytest.fixture
+def ckpt(tmp_path, tiny_mixtral):
+    """A private copy of the tiny checkpoint that a test may break."""
+    return Path(shutil.copytree(tiny_mixtral, tmp_path / "ckpt"))
+
+
+def assert_clean_failure(r, out: Path, code: int, *words: str):
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(lines) == 1, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert r.stdout == ""
+    if not out.parent.exists():
+        return
+    assert not out.exists() or out.read_bytes().startswith(b"old"), "a file was left at OUT"
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    assert not leftovers, leftovers
+
+
+def test_missing_shard(ckpt, tmp_path):
+    (ckpt / "model-00002-of-00003.safetensors").unlink()
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(run_localmix("quantize", ckpt, out), out, 2, "model-00002-of-00003.safetensors", "missing")
+
+
+def test_truncated_shard(ckpt, tmp_path):
+    shard = ckpt / "model-00003-of-00003.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(run_localmix("quantize", ckpt, out), out, 2, "model-00003-of-00003.safetensors", "truncated")
+
+
+def test_garbage_safetensors_header(ckpt, tmp_path):
+    shard = ckpt / "model-00001-of-00003.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[8:40] = b"\x00garbage, not a JSON header!!!!!"
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(run_localmix("quantize", ckpt, out), out, 2, "model-00001-of-00003.safetensors", "corrupt")
+
+
+def test_unsupported_architecture(ckpt, tmp_path):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["architectures"] = ["Qwen2ForCausalLM"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(run_localmix("quantize", ckpt, out), out, 2, "Qwen2ForCausalLM",
+                         "MixtralForCausalLM", "MistralForCausalLM")
+
+
+def test_config_is_not_json(ckpt, tmp_path):
+    (ckpt / "config.json").write_text("{ this is not json")
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(run_localmix("quantize", ckpt, out), out, 2, "config.json", "not valid JSON")
+
+
+def test_source_is_not_a_checkpoint(tmp_path):
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(run_localmix("quantize", tmp_path / "nowhere", out), out, 2, "nowhere")
+
+
+def test_no_tokenizer(ckpt, tmp_path):
+    (ckpt / "tokenizer.model").unlink()
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(run_localmix("quantize", ckpt, out), out, 2, "tokenizer.model")
+
+
+def test_unknown_type(ckpt, tmp_path):
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(run_localmix("quantize", ckpt, out, "--type", "Q9_X"), out, 2, "Q9_X", "Q8_0")
+
+
+def test_existing_output_needs_force(ckpt, tmp_path):
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"old contents")
+    assert_clean_failure(run_localmix("quantize", ckpt, out), out, 2, "already exists", "--force")
+    assert out.read_bytes() == b"old contents"
+    r = run_localmix("quantize", ckpt, out, "--force")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+def _unwritable_dir(tmp_path) -> Path:
+    if os.geteuid() != 0:
+        d = tmp_path / "read-only"
+        d.mkdir()
+        d.chmod(0o555)
+        return d
+    for candidate in ("/sys", "/proc/sys"):  # root writes anywhere else
+        try:
+            Path(candidate, ".localmix-probe").write_bytes(b"")
+        except OSError:
+            return Path(candidate)
+    pytest.skip("no directory is read-only for root here")
+
+
+def test_output_directory_not_writable(ckpt, tmp_path):
+    out = _unwritable_dir(tmp_path) / "out.gguf"
+    r = run_localmix("quantize", ckpt, out)
+    assert_clean_failure(r, out, 1, str(out))
+
+
+def test_disk_full_mid_write(ckpt, tmp_path):
+    out = tmp_path / "out.gguf"
+    limit = 8 << 20  # the F32 file is ~90 MiB: the write fails part-way
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = run_localmix("quantize", ckpt, out, "--type", "F32", preexec_fn=small_disk)
+    assert_clean_failure(r, out, 1, "cannot write", str(out))
+
+
+def test_sigint_mid_write(tmp_path):
+    """Ctrl-C while the data streams out: exit 130, nothing at OUT, the partial file removed."""
+    src = make_tiny_checkpoint(tmp_path / "bigger", hidden_size=1024, intermediate_size=2048,
+                               num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4)
+    out = tmp_path / "out.gguf"
+    # As at a terminal: SIGINT is not ignored (a background job's children inherit SIG_IGN).
+    proc = subprocess.Popen([sys.executable, "-m", "localmix", "quantize", str(src), str(out), "--type", "F32"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until tensor data is being written
+        partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.gguf.")]
+        if partial and partial[0].stat().st_size > (8 << 20):
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.002)
+    else:
+        pytest.fail("the conversion never started writing")
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    assert_clean_failure(r, out, 130, "interrupted")
