@@ -22,8 +22,18 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
+# safetensors dtype -> (numpy dtype of the stored bits, converter to a float array)
 def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    x = bits.astype(np.uint32)
+    x <<= np.uint32(16)
+    return x.view(np.float32)
+
+
+_DTYPES = {
+    "BF16": (np.uint16, _bf16_to_f32),
+    "F16": (np.float16, np.array),   # float16 stays float16, as in llama.cpp's converter
+    "F32": (np.float32, np.array),
+}
 
 
 class Checkpoint:
@@ -74,16 +84,33 @@ class Checkpoint:
     def nbytes(self, name: str) -> int:
         return self.tensors[name].data_range.size
 
-    def load(self, name: str) -> np.ndarray:
-        """The tensor as float32 (float16 stays float16), read through a private mapping."""
+    def _map(self, name: str, first_row: int = 0, n_rows: int | None = None) -> tuple[np.ndarray, callable]:
         t = self.tensors[name]
-        raw = t.mmap_bytes()
-        if t.dtype == "BF16":
-            out = _bf16_to_f32(raw.view(np.uint16))
-        elif t.dtype == "F16":
-            out = raw.view(np.float16)
-        elif t.dtype == "F32":
-            out = np.array(raw.view(np.float32))
-        else:
+        if t.dtype not in _DTYPES:
             raise InputError(f"tensor {name} has dtype {t.dtype}; localmix reads F32, F16 and BF16 weights")
-        return out.reshape(t.shape)
+        dtype, to_float = _DTYPES[t.dtype]
+        shape = tuple(t.shape) or (1,)
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        n_rows = shape[0] - first_row if n_rows is None else n_rows
+        itemsize = np.dtype(dtype).itemsize
+        raw = np.memmap(t.data_range.filename, mode="r", dtype=dtype, shape=(n_rows, *shape[1:]),
+                        offset=t.data_range.offset + first_row * row * itemsize)
+        return raw, to_float
+
+    def load(self, name: str) -> np.ndarray:
+        """The whole tensor as float32 (float16 stays float16)."""
+        raw, to_float = self._map(name)
+        return to_float(raw).reshape(self.shape(name))
+
+    def chunks(self, name: str, max_elements: int):
+        """The tensor as float arrays of whole rows, about `max_elements` at a time. Each chunk
+        is mapped on its own and unmapped after, so memory stays bounded by one chunk."""
+        shape = self.shape(name)
+        if len(shape) < 2:
+            yield self.load(name)
+            return
+        rows = max(1, max_elements // int(np.prod(shape[1:])))
+        for r in range(0, shape[0], rows):
+            raw, to_float = self._map(name, r, min(rows, shape[0] - r))
+            yield to_float(raw)
+            del raw

@@ -75,7 +75,7 @@ def demo(
 
     The weights are random, so the generated text is random by design: the demo shows the
     whole path working, offline, in seconds. For a real model, download one (e.g.
-    `huggingface-cli download mistralai/Mixtral-8x7B-Instruct-v0.1 --local-dir mixtral`) and run
+    `hf download mistralai/Mixtral-8x7B-Instruct-v0.1 --local-dir mixtral`) and run
     `localmix quantize mixtral mixtral.gguf`.
     """
     from .convert import convert

@@ -99,14 +99,10 @@ def add_metadata(h: gguf.GGUFWriter, cfg: ModelConfig, src: Path, file_type: str
 def _source_chunks(ckpt: Checkpoint, t: OutTensor):
     """Float rows of the GGUF tensor, in file order: expert by expert, a chunk of rows at a time."""
     for src in t.sources:
-        x = ckpt.load(src)
-        if t.transform is not None:
-            yield t.transform(x)
-            continue
-        rows = max(1, CHUNK_ELEMENTS // max(1, x.shape[-1])) if x.ndim > 1 else len(x)
-        for r in range(0, len(x), rows):
-            yield x[r:r + rows]
-        del x
+        if t.transform is not None:  # Q/K permutation needs the whole (small) matrix
+            yield t.transform(ckpt.load(src))
+        else:
+            yield from ckpt.chunks(src, CHUNK_ELEMENTS)
 
 
 def convert(src: str | Path, out: str | Path, file_type: str = "F16", force: bool = False,
