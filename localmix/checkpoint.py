@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import safetensors
@@ -84,7 +85,7 @@ class Checkpoint:
     def nbytes(self, name: str) -> int:
         return self.tensors[name].data_range.size
 
-    def _map(self, name: str, first_row: int = 0, n_rows: int | None = None) -> tuple[np.ndarray, callable]:
+    def _map(self, name: str, first_row: int = 0, n_rows: int | None = None) -> tuple[np.ndarray, Callable]:
         t = self.tensors[name]
         if t.dtype not in _DTYPES:
             raise InputError(f"tensor {name} has dtype {t.dtype}; localmix reads F32, F16 and BF16 weights")

@@ -58,7 +58,6 @@ def info(
     if as_json:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
     else:
-        summary["chat_template"] and summary["chat_template"].pop("text")
         Console(highlight=False).print(render(summary))
 
 
@@ -91,9 +90,7 @@ def demo(
     with ConvertProgress(err) as progress:
         convert(src, gguf_path, "Q8_0", force=True, progress=progress)
     out.print(f"[bold]2.[/] converted it to {gguf_path}:")
-    summary = describe(gguf_path)
-    summary["chat_template"].pop("text")
-    out.print(render(summary))
+    out.print(render(describe(gguf_path)))
     out.print("[bold]3.[/] llama.cpp runs it (random weights, so random text by design):")
     _generate(gguf_path, "[INST] Tell me about mixtures of experts. [/INST]", tokens)
 
