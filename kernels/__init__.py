@@ -4,17 +4,30 @@ Imported as `localmix.kernels` (the folder sits at the top of the repository; a 
 package named `kernels` would shadow Hugging Face's). Each type is a pair of pure functions
 over rows whose length is a multiple of the type's block size.
 
-The float types and Q8_0 come from the `gguf` package (llama.cpp's own gguf-py, the code its
-converter uses, so our bytes are its bytes). The K-quants that gguf-py cannot produce land
-here as this project's own kernels.
+The quantized types are this project's own kernels, ports of llama.cpp's ggml-quants.c that
+write the bytes `ggml_quantize_chunk` writes, with or without an importance matrix:
+  common.py   float32 bit tricks, FP16 fields, ggml's scale searches (make_*_quants)
+  legacy.py   Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+  kquants.py  Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
+`quantize` runs them compiled by numba, in parallel over rows; `quantize_ref` runs the very
+same source as plain Python, one row at a time (slow: for tests). The float types, and every
+dequantization, come from the `gguf` package (llama.cpp's own gguf-py).
 """
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
+from . import common, kquants, legacy
+
 QType = GGMLQuantizationType
+
+KERNELS = {**legacy.KERNELS, **kquants.KERNELS}  # type: (row kernel, parallel driver over rows)
+FLOATS = frozenset({QType.F32, QType.F16, QType.BF16})
+QUANTIZABLE: frozenset[QType] = FLOATS | frozenset(KERNELS)
 
 
 def block_size(qtype: QType) -> int:
@@ -33,11 +46,58 @@ def tensor_nbytes(qtype: QType, shape: tuple[int, ...]) -> int:
     return int(np.prod(shape[:-1], dtype=np.int64)) * row_nbytes(qtype, shape[-1])
 
 
-def quantize(x: np.ndarray, qtype: QType) -> np.ndarray:
-    """Rows of float32 (or float16) -> the tensor's bytes (float arrays for F32/F16)."""
-    return quants.quantize(x, qtype)
+def quantize(x: np.ndarray, qtype: QType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Rows of float32 (or float16) -> the tensor's bytes, shape (..., row_nbytes) (float arrays for F32/F16).
+
+    `imatrix` is the importance of each of a row's n columns (llama.cpp's imatrix), or None;
+    the bytes equal `ggml_quantize_chunk`'s for the same rows and importance.
+    """
+    if qtype in FLOATS:
+        return quants.quantize(x, qtype)
+    rows, qw, out = _prepare(x, qtype, imatrix)
+    KERNELS[qtype][1](rows, qw, out)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def quantize_ref(x: np.ndarray, qtype: QType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """`quantize` through the plain-Python reading of the same kernels, one row at a time (slow)."""
+    if qtype in FLOATS:
+        return quants.quantize(x, qtype)
+    rows, qw, out = _prepare(x, qtype, imatrix)
+    row_kernel = KERNELS[qtype][0]
+    plain_kernel = _plain()[row_kernel.py_func.__module__][row_kernel.__name__]
+    with np.errstate(all="ignore"):  # float32 overflow to inf is part of the arithmetic, as in C
+        for r in range(rows.shape[0]):
+            plain_kernel(rows[r], qw, out[r])
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def dequantize(data: np.ndarray, qtype: QType) -> np.ndarray:
     """The tensor's bytes -> float32 rows."""
     return np.asarray(quants.dequantize(data, qtype), dtype=np.float32)
+
+
+def quantization_error(x: np.ndarray, data: np.ndarray, qtype: QType) -> float:
+    """How far the quantized `data` is from `x`: RMS of the round-trip error over RMS of x."""
+    x = np.asarray(x, dtype=np.float64)
+    err = dequantize(data, qtype).reshape(x.shape) - x
+    return float(np.sqrt(np.sum(err * err) / max(np.sum(x * x), np.finfo(np.float64).tiny)))
+
+
+def _prepare(x: np.ndarray, qtype: QType, imatrix: np.ndarray | None):
+    """(rows as contiguous float32 (R, n), importance or the empty NULL stand-in, output (R, row bytes))."""
+    if qtype not in KERNELS:
+        raise ValueError(f"cannot quantize to {qtype.name}")
+    n = x.shape[-1]
+    rows = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1, n))
+    out = np.empty((rows.shape[0], row_nbytes(qtype, n)), dtype=np.uint8)
+    if imatrix is None or qtype == QType.Q8_0:  # Q8_0 has no importance-aware variant in ggml
+        return rows, common.NO_WEIGHTS, out
+    qw = np.ascontiguousarray(imatrix, dtype=np.float32)
+    assert qw.shape == (n,), f"importance of shape {qw.shape} for rows of {n}"
+    return rows, qw, out
+
+
+@cache
+def _plain() -> dict[str, dict]:
+    return common.plain(common, legacy, kquants)
