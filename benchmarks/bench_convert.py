@@ -26,10 +26,10 @@ WIDTHS = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, nu
               num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000)
 
 
-def measure(cmd: list[str]) -> tuple[float, int]:
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     """(seconds, peak RSS in bytes) of a command run to completion."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t
     if os.waitstatus_to_exitcode(status) != 0:

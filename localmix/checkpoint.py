@@ -2,39 +2,24 @@
 
 `Checkpoint(dir)` validates the whole checkpoint up front (every shard listed in the index
 exists, every header parses, every shard is as long as its header says) so that a broken
-download fails before anything is written. `load(name)` maps just that tensor's bytes and
-returns it as float32 (or float16), so memory is bounded by one tensor; dropping the array
-unmaps it again.
+download fails before anything is written. `stored(name)` says where a tensor's bytes are, to be
+read a chunk of rows at a time (mapped.py), so memory stays bounded by one chunk.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import safetensors
 from gguf.utility import LocalTensor, SafetensorsLocal
 
 from .errors import InputError
+from .mapped import STORED_DTYPES, StoredTensor
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-
-
-# safetensors dtype -> (numpy dtype of the stored bits, converter to a float array)
-def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    x = bits.astype(np.uint32)
-    x <<= np.uint32(16)
-    return x.view(np.float32)
-
-
-_DTYPES = {
-    "BF16": (np.uint16, _bf16_to_f32),
-    "F16": (np.float16, np.array),   # float16 stays float16, as in llama.cpp's converter
-    "F32": (np.float32, np.array),
-}
 
 
 class Checkpoint:
@@ -85,33 +70,12 @@ class Checkpoint:
     def nbytes(self, name: str) -> int:
         return self.tensors[name].data_range.size
 
-    def _map(self, name: str, first_row: int = 0, n_rows: int | None = None) -> tuple[np.ndarray, Callable]:
+    def stored(self, name: str) -> StoredTensor:
         t = self.tensors[name]
-        if t.dtype not in _DTYPES:
+        if t.dtype not in STORED_DTYPES:
             raise InputError(f"tensor {name} has dtype {t.dtype}; localmix reads F32, F16 and BF16 weights")
-        dtype, to_float = _DTYPES[t.dtype]
-        shape = tuple(t.shape) or (1,)
-        row = int(np.prod(shape[1:], dtype=np.int64))
-        n_rows = shape[0] - first_row if n_rows is None else n_rows
-        itemsize = np.dtype(dtype).itemsize
-        raw = np.memmap(t.data_range.filename, mode="r", dtype=dtype, shape=(n_rows, *shape[1:]),
-                        offset=t.data_range.offset + first_row * row * itemsize)
-        return raw, to_float
+        return StoredTensor(t.data_range.filename, t.data_range.offset, t.dtype, tuple(t.shape))
 
     def load(self, name: str) -> np.ndarray:
         """The whole tensor as float32 (float16 stays float16)."""
-        raw, to_float = self._map(name)
-        return to_float(raw).reshape(self.shape(name))
-
-    def chunks(self, name: str, max_elements: int):
-        """The tensor as float arrays of whole rows, about `max_elements` at a time. Each chunk
-        is mapped on its own and unmapped after, so memory stays bounded by one chunk."""
-        shape = self.shape(name)
-        if len(shape) < 2:
-            yield self.load(name)
-            return
-        rows = max(1, max_elements // int(np.prod(shape[1:])))
-        for r in range(0, shape[0], rows):
-            raw, to_float = self._map(name, r, min(rows, shape[0] - r))
-            yield to_float(raw)
-            del raw
+        return self.stored(name).load()

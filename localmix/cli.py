@@ -22,7 +22,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Run Mixtral-class mixture-of-experts models on your own desktop.")
 err = Console(stderr=True, highlight=False)
 
-from .convert import FILE_TYPES  # noqa: E402
+from .quant_mix import FILE_TYPES  # noqa: E402
 
 # typer vendors click from 0.29 on; take its exception class from typer itself.
 ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -30,18 +30,20 @@ ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Cl
 
 @app.command()
 def quantize(
-    src: Path = typer.Argument(..., help="Folder of a downloaded Hugging Face checkpoint (config.json, *.safetensors, tokenizer.model)."),
+    src: Path = typer.Argument(..., help="A downloaded Hugging Face checkpoint folder (config.json, *.safetensors, "
+                               "tokenizer.model), or an F32/F16/BF16 GGUF file."),
     out: Path = typer.Argument(..., help="The GGUF file to write."),
-    type_: str = typer.Option("Q8_0", "--type", "-t", help=f"Tensor type of the weights: {', '.join(FILE_TYPES)}."),
+    type_: str = typer.Option("Q4_K_M", "--type", "-t", help=f"File type, as llama.cpp names them: {', '.join(FILE_TYPES)}."),
+    imatrix: Path = typer.Option(None, "--imatrix", help="Importance matrix from llama.cpp's llama-imatrix (GGUF or legacy .dat)."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
 ):
-    """Convert a Hugging Face checkpoint to a GGUF file, streaming one tensor at a time."""
+    """Quantize a Hugging Face checkpoint to a GGUF file in one streaming pass (llama.cpp's K-quant mixes)."""
     from .convert import convert
     from .info import human_bytes
     from .progress import ConvertProgress
 
     with ConvertProgress(err) as progress:
-        result = convert(src, out, type_.upper(), force=force, progress=progress)
+        result = convert(src, out, type_.upper(), force=force, imatrix=imatrix, progress=progress)
     if err.is_terminal:
         err.print(f"wrote {result.path} ({result.file_type}, {result.n_tensors} tensors, {human_bytes(result.n_bytes)})")
 
@@ -75,7 +77,7 @@ def demo(
     The weights are random, so the generated text is random by design: the demo shows the
     whole path working, offline, in seconds. For a real model, download one (e.g.
     `hf download mistralai/Mixtral-8x7B-Instruct-v0.1 --local-dir mixtral`) and run
-    `localmix quantize mixtral mixtral.gguf`.
+    `localmix quantize mixtral mixtral-Q4_K_M.gguf --type Q4_K_M`.
     """
     from .convert import convert
     from .info import describe, render
@@ -86,9 +88,9 @@ def demo(
     directory = directory or _cache_dir() / "demo"
     src = make_tiny_checkpoint(directory / "tiny-mixtral")
     out.print(f"[bold]1.[/] wrote a tiny random Mixtral checkpoint (Hugging Face layout) to {src}")
-    gguf_path = directory / "tiny-mixtral-Q8_0.gguf"
+    gguf_path = directory / "tiny-mixtral-Q4_K_M.gguf"
     with ConvertProgress(err) as progress:
-        convert(src, gguf_path, "Q8_0", force=True, progress=progress)
+        convert(src, gguf_path, "Q4_K_M", force=True, progress=progress)
     out.print(f"[bold]2.[/] converted it to {gguf_path}:")
     out.print(render(describe(gguf_path)))
     out.print("[bold]3.[/] llama.cpp runs it (random weights, so random text by design):")

@@ -156,3 +156,20 @@ def test_sigint_mid_write(tmp_path):
     stdout, stderr = proc.communicate(timeout=60)
     r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert_clean_failure(r, out, 130, "interrupted")
+
+
+def test_nan_weight_names_the_tensor(tmp_path):
+    """A NaN in a weight is a clear error naming the tensor, never a silent file."""
+    from safetensors import safe_open
+
+    src = make_tiny_checkpoint(tmp_path / "nan")
+    shard = src / "model-00002-of-00003.safetensors"
+    with safe_open(str(shard), framework="numpy") as f:
+        name = sorted(k for k in f.keys() if "experts.3.w2" in k and "layers.1" in k)[0]
+    from gguf.utility import SafetensorsLocal
+    t = SafetensorsLocal(shard).tensors[name]
+    data = bytearray(shard.read_bytes())
+    data[t.data_range.offset + 100: t.data_range.offset + 102] = b"\xc0\x7f"  # bf16 NaN
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(run_localmix("quantize", src, out, "--type", "Q8_0"), out, 2, "blk.1.ffn_down_exps.weight", "NaN")

@@ -1,0 +1,33 @@
+"""llama.cpp's own quantizer, `llama_model_quantize`, called through llama-cpp-python."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+
+from localmix.quant_mix import FILE_TYPES
+
+
+def llama_model_quantize(src: Path, out: Path, file_type: str, imatrix: dict[str, np.ndarray] | None = None,
+                         nthread: int = 2) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = nthread
+    params.ftype = int(FILE_TYPES[file_type][0])
+    keep = []  # every ctypes object must outlive the call
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(sorted(imatrix.items())):
+            data = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(data)
+            entries[i].name = name.encode()
+            entries[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = data.size
+        entries[len(imatrix)].name = None
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep.append(entries)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    assert rc == 0, f"llama_model_quantize failed with {rc}"

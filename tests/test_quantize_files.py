@@ -1,0 +1,101 @@
+"""Whole files: localmix, straight from the Hugging Face checkpoint, writes what llama.cpp's
+quantizer makes of the F32 file, tensor for tensor and byte for byte, with and without an
+importance matrix; and the quantized files run, with the expected loss of quality."""
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from conftest import load_llama
+from llama_quantize import llama_model_quantize
+from localmix.convert import convert
+from localmix.imatrix import load_imatrix, save_imatrix
+from localmix.quant_mix import allows_quantization
+from localmix.tiny import make_tiny_checkpoint
+
+# 32 layers so that every layer-dependent rule of Mixtral's mixes is exercised.
+DEEP = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=32, num_attention_heads=8,
+            num_key_value_heads=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    base = tmp_path_factory.mktemp("deep")
+    src = make_tiny_checkpoint(base / "deep-mixtral", **DEEP)
+    f32 = convert(src, base / "deep-F32.gguf", "F32").path
+    # an importance matrix for every quantizable tensor, per expert for the stacked ones,
+    # one expert with no tokens (llama.cpp then uses 1s)
+    rng = np.random.default_rng(7)
+    sums, counts = {}, {}
+    for t in GGUFReader(f32).tensors:
+        shape = tuple(int(n) for n in reversed(t.shape))
+        if allows_quantization(t.name, shape) and t.name != "token_embd.weight":
+            n_expert = shape[0] if len(shape) == 3 else 1
+            counts[t.name] = rng.integers(0, 500, n_expert).astype(np.float32)
+            sums[t.name] = (rng.gamma(1.0, 1.0, (n_expert, shape[-1])) * counts[t.name][:, None]).astype(np.float32)
+    counts["blk.3.ffn_down_exps.weight"][5] = 0
+    imatrix = base / "imatrix.gguf"
+    save_imatrix(imatrix, sums, counts, datasets=["random"], chunk_count=10, chunk_size=512)
+    return src, f32, imatrix
+
+
+def tensors(path):
+    return {t.name: (t.tensor_type.name, tuple(t.shape), np.asarray(t.data).tobytes()) for t in GGUFReader(path).tensors}
+
+
+def kv(path):
+    return {k: f.contents() for k, f in GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+
+
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q3_K_M", "Q3_K_S", "Q4_K_S", "Q2_K"])
+def test_same_file_as_llama_model_quantize(file_type, with_imatrix, deep, tmp_path):
+    src, f32, imatrix = deep
+    ours = convert(src, tmp_path / "ours.gguf", file_type, imatrix=imatrix if with_imatrix else None).path
+    theirs = tmp_path / "theirs.gguf"
+    llama_model_quantize(f32, theirs, file_type, load_imatrix(imatrix) if with_imatrix else None)
+    a, b = tensors(ours), tensors(theirs)
+    assert a.keys() == b.keys()
+    for name in b:
+        assert a[name][:2] == b[name][:2], name
+        assert a[name][2] == b[name][2], f"{name} ({b[name][0]}) differs"
+    assert kv(ours) == kv(theirs)
+    types = {t for t, _, _ in a.values()}
+    assert len(types) >= 3  # a real mix, not one type everywhere
+
+
+def test_gguf_source_gives_the_same_file(deep, tmp_path):
+    """`localmix quantize model-F32.gguf` equals the one-pass conversion from the checkpoint."""
+    src, f32, _ = deep
+    direct = convert(src, tmp_path / "direct.gguf", "Q3_K_M").path
+    via = convert(f32, tmp_path / "via.gguf", "Q3_K_M").path
+    assert tensors(direct) == tensors(via)
+    assert kv(direct) == kv(via)
+
+
+def test_quality_is_ordered_by_bits(converted, tiny_mixtral, tmp_path):
+    """Mean KL divergence against the F32 file over 600 positions, per type."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(tiny_mixtral / "tokenizer.model"))
+    text = " ".join(f"Satz {i}: Die Experten {i} et les routeurs {i}, the tokens {i}." for i in range(60))
+    ids = [1] + sp.encode(text)[:599]
+    assert len(ids) >= 512
+
+    def logprobs(path):
+        llm = load_llama(path, n_ctx=1024)
+        llm.eval(ids)
+        x = np.array(llm.scores[: len(ids)], dtype=np.float64)
+        x -= x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    ref = logprobs(converted("mixtral", "F32"))
+    kl = {}
+    for file_type in ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "Q6_K", "Q8_0"]:
+        path = converted("mixtral", file_type) if file_type == "Q8_0" else \
+            convert(tiny_mixtral, tmp_path / f"{file_type}.gguf", file_type).path
+        q = logprobs(path)
+        kl[file_type] = float((np.exp(ref) * (ref - q)).sum(-1).mean())
+    print("\nmean KL vs F32 over", len(ids), "positions:", {k: f"{v:.4g}" for k, v in kl.items()})
+    values = list(kl.values())
+    assert values == sorted(values, reverse=True), kl
