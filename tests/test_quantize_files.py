@@ -99,3 +99,27 @@ def test_quality_is_ordered_by_bits(converted, tiny_mixtral, tmp_path):
     print("\nmean KL vs F32 over", len(ids), "positions:", {k: f"{v:.4g}" for k, v in kl.items()})
     values = list(kl.values())
     assert values == sorted(values, reverse=True), kl
+
+
+@pytest.fixture(scope="module")
+def odd_and_dense(tmp_path_factory):
+    """Widths that fit no K-quant block (fallbacks), and dense Mistral (counters, no experts)."""
+    base = tmp_path_factory.mktemp("odd")
+    odd = make_tiny_checkpoint(base / "odd-mixtral", hidden_size=384, intermediate_size=480, num_attention_heads=12,
+                               num_key_value_heads=4, seed=2)
+    dense = make_tiny_checkpoint(base / "dense-mistral", dense=True, num_hidden_layers=8, seed=3)
+    return {name: (src, convert(src, base / f"{name}-F32.gguf", "F32").path)
+            for name, src in (("odd", odd), ("dense", dense))}
+
+
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q5_K_M", "Q3_K_L", "Q2_K", "Q6_K"])
+@pytest.mark.parametrize("model", ["odd", "dense"])
+def test_fallbacks_and_dense_mixes_match_llama_model_quantize(model, file_type, odd_and_dense, tmp_path):
+    src, f32 = odd_and_dense[model]
+    ours = convert(src, tmp_path / "ours.gguf", file_type).path
+    theirs = tmp_path / "theirs.gguf"
+    llama_model_quantize(f32, theirs, file_type)
+    a, b = tensors(ours), tensors(theirs)
+    assert a == b
+    if model == "odd":  # rows of 384 and 480 fit no 256-block: the 32-block fallbacks were used
+        assert {t for t, _, _ in a.values()} & {"Q4_0", "Q5_0", "Q5_1", "Q8_0"}
