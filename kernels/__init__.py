@@ -9,23 +9,46 @@ write the bytes `ggml_quantize_chunk` writes, with or without an importance matr
   common.py   float32 bit tricks, FP16 fields, ggml's scale searches (make_*_quants)
   legacy.py   Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
   kquants.py  Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
-`quantize` runs them compiled by numba, in parallel over rows; `quantize_ref` runs the very
-same source as plain Python, one row at a time (slow: for tests). The float types, and every
-dequantization, come from the `gguf` package (llama.cpp's own gguf-py).
+  batched.py  the scale searches run on 16 sub-blocks at once (SIMD lanes), bit for bit the same
+  fast.py     the quantizers around the batched searches: what `quantize` runs
+`quantize` runs the fast kernels compiled by numba, in parallel over rows; `quantize_ref` runs
+the plain ports (the straight reading of the C) as plain Python, one row at a time (slow: for
+tests). The float types, and every dequantization, come from the `gguf` package (llama.cpp's
+own gguf-py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from functools import cache
+from pathlib import Path
 
+import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
-from . import common, kquants, legacy
+
+def _cache_dir() -> str:
+    """Where numba caches the compiled kernels: a folder named by a digest of every kernel
+    source. numba checks only the timestamp of the file that defines a cached function, so
+    code it inlined from another file could otherwise outlive an edit or an upgrade."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(f.read_bytes())
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "localmix"
+    return str(Path(base) / "numba" / digest.hexdigest()[:16])
+
+
+if not os.environ.get("NUMBA_CACHE_DIR"):  # the user's own choice wins
+    numba.config.CACHE_DIR = _cache_dir()
+
+from . import common, fast, kquants, legacy  # noqa: E402  (after the cache folder is set)
 
 QType = GGMLQuantizationType
 
-KERNELS = {**legacy.KERNELS, **kquants.KERNELS}  # type: (row kernel, parallel driver over rows)
+# type: (plain row kernel, the reference; parallel driver over rows of the fast kernel, what `quantize` runs)
+KERNELS = {t: (row, fast.DRIVERS.get(t, rows)) for t, (row, rows) in {**legacy.KERNELS, **kquants.KERNELS}.items()}
 FLOATS = frozenset({QType.F32, QType.F16, QType.BF16})
 QUANTIZABLE: frozenset[QType] = FLOATS | frozenset(KERNELS)
 

@@ -69,11 +69,8 @@ def quantize_row_q2_K(x, qw, out):
     scales = np.empty(QK_K // 16, dtype=np.float32)
     mins = np.empty(QK_K // 16, dtype=np.float32)
     sw = np.empty(QK_K // 16, dtype=np.float32)
-    Ls = np.empty(QK_K // 16, dtype=np.uint8)
-    Lm = np.empty(QK_K // 16, dtype=np.uint8)
     for i in range(x.shape[0] // QK_K):
         xs = x[i * QK_K:(i + 1) * QK_K]
-        o = i * Q2_BYTES
         if qw.shape[0] > 0:  # quantize_row_q2_K_impl
             sigma2 = _sum_squares(xs) / F(QK_K)
             for j in range(QK_K // 16):
@@ -84,41 +81,52 @@ def quantize_row_q2_K(x, qw, out):
                     sw[j] += weight[l]
                 scales[j], mins[j] = make_qkx3_quants(16, 3, xs[16 * j:], weight, L[16 * j:], Laux, F(-0.9),
                                                       F(0.05), 36, False)
-            dm = make_qp_quants(QK_K // 16, 15, scales, Ls, sw)
-            mm = make_qp_quants(QK_K // 16, 15, mins, Lm, sw)
-            dm = put_f16(out, o + Q2_D, dm)
-            mm = put_f16(out, o + Q2_DMIN, mm)
-            for j in range(QK_K // 16):
-                out[o + Q2_SC + j] = u8(I(Ls[j]) | (I(Lm[j]) << 4))
         else:  # quantize_row_q2_K_ref
-            max_scale = F(0.0)
-            max_min = F(0.0)
             for j in range(QK_K // 16):
                 for l in range(16):
                     weight[l] = abs(xs[16 * j + l])
                 scales[j], mins[j] = make_qkx2_quants(16, 3, xs[16 * j:], weight, L[16 * j:], Laux, F(-0.5),
                                                       F(0.1), 15, True)
-                if scales[j] > max_scale:
-                    max_scale = scales[j]
-                if mins[j] > max_min:
-                    max_min = mins[j]
-            if max_scale > 0:
-                iscale = F(15.0) / max_scale
-                for j in range(QK_K // 16):
-                    out[o + Q2_SC + j] = u8(nearest_int(iscale * scales[j]))
-                dm = put_f16(out, o + Q2_D, max_scale / F(15.0))
-            else:
-                for j in range(QK_K // 16):
-                    out[o + Q2_SC + j] = 0
-                dm = put_f16(out, o + Q2_D, F(0.0))
-            if max_min > 0:
-                iscale = F(15.0) / max_min
-                for j in range(QK_K // 16):
-                    out[o + Q2_SC + j] = u8(I(out[o + Q2_SC + j]) | (nearest_int(iscale * mins[j]) << 4))
-                mm = put_f16(out, o + Q2_DMIN, max_min / F(15.0))
-            else:
-                mm = put_f16(out, o + Q2_DMIN, F(0.0))
-        _q2_K_finish(xs, L, out, o, dm, mm)
+        _q2_K_store(xs, qw.shape[0] > 0, scales, mins, sw, L, out, i * Q2_BYTES)
+
+
+@jit
+def _q2_K_store(xs, has_qw, scales, mins, sw, L, out, o):
+    """A super-block's sub-block scales and mins, quantized and stored; then its levels."""
+    if has_qw:  # quantize_row_q2_K_impl
+        Ls = np.empty(QK_K // 16, dtype=np.uint8)
+        Lm = np.empty(QK_K // 16, dtype=np.uint8)
+        dm = make_qp_quants(QK_K // 16, 15, scales, Ls, sw)
+        mm = make_qp_quants(QK_K // 16, 15, mins, Lm, sw)
+        dm = put_f16(out, o + Q2_D, dm)
+        mm = put_f16(out, o + Q2_DMIN, mm)
+        for j in range(QK_K // 16):
+            out[o + Q2_SC + j] = u8(I(Ls[j]) | (I(Lm[j]) << 4))
+    else:  # quantize_row_q2_K_ref
+        max_scale = F(0.0)
+        max_min = F(0.0)
+        for j in range(QK_K // 16):
+            if scales[j] > max_scale:
+                max_scale = scales[j]
+            if mins[j] > max_min:
+                max_min = mins[j]
+        if max_scale > 0:
+            iscale = F(15.0) / max_scale
+            for j in range(QK_K // 16):
+                out[o + Q2_SC + j] = u8(nearest_int(iscale * scales[j]))
+            dm = put_f16(out, o + Q2_D, max_scale / F(15.0))
+        else:
+            for j in range(QK_K // 16):
+                out[o + Q2_SC + j] = 0
+            dm = put_f16(out, o + Q2_D, F(0.0))
+        if max_min > 0:
+            iscale = F(15.0) / max_min
+            for j in range(QK_K // 16):
+                out[o + Q2_SC + j] = u8(I(out[o + Q2_SC + j]) | (nearest_int(iscale * mins[j]) << 4))
+            mm = put_f16(out, o + Q2_DMIN, max_min / F(15.0))
+        else:
+            mm = put_f16(out, o + Q2_DMIN, F(0.0))
+    _q2_K_finish(xs, L, out, o, dm, mm)
 
 
 # ---------------------------------------------------------------- Q3_K
@@ -170,12 +178,8 @@ def quantize_row_q3_K(x, qw, out):
     scales = np.empty(QK_K // 16, dtype=np.float32)
     weight = np.empty(16, dtype=np.float32)
     sw = np.empty(QK_K // 16, dtype=np.float32)
-    Ls = np.empty(QK_K // 16, dtype=np.int8)
     for i in range(x.shape[0] // QK_K):
         xs = x[i * QK_K:(i + 1) * QK_K]
-        o = i * Q3_BYTES
-        for j in range(12):
-            out[o + Q3_SC + j] = 0
         if qw.shape[0] > 0:  # quantize_row_q3_K_impl
             sigma2 = F(2.0) * _sum_squares(xs) / F(QK_K)
             for j in range(QK_K // 16):
@@ -186,28 +190,41 @@ def quantize_row_q3_K(x, qw, out):
                     sumw += weight[l]
                 sw[j] = sumw
                 scales[j] = make_qx_quants(16, 4, xs[16 * j:], L[16 * j:], 1, weight)
-            d_block = make_qx_quants(QK_K // 16, 32, scales, Ls, 1, sw)
-            for j in range(QK_K // 16):
-                _q3_K_put_scale(out, o + Q3_SC, j, I(Ls[j]))
-            dd = put_f16(out, o + Q3_D, d_block)
         else:  # quantize_row_q3_K_ref
-            max_scale = F(0.0)
-            amax = F(0.0)
             for j in range(QK_K // 16):
                 scales[j] = make_q3_quants(16, 4, xs[16 * j:], L[16 * j:], True)
-                scale = abs(scales[j])
-                if scale > amax:
-                    amax = scale
-                    max_scale = scales[j]
-            if max_scale != 0:
-                iscale = F(-32.0) / max_scale
-                for j in range(QK_K // 16):
-                    l = i8(nearest_int(iscale * scales[j]))
-                    _q3_K_put_scale(out, o + Q3_SC, j, max(-32, min(31, l)) + 32)
-                dd = put_f16(out, o + Q3_D, F(1.0) / iscale)
-            else:
-                dd = put_f16(out, o + Q3_D, F(0.0))
-        _q3_K_finish(xs, L, out, o, dd)
+        o = i * Q3_BYTES
+        _q3_K_finish(xs, L, out, o, _q3_K_scales(qw.shape[0] > 0, scales, sw, out, o))
+
+
+@jit
+def _q3_K_scales(has_qw, scales, sw, out, o):
+    """A super-block's sub-block scales, quantized and stored; returns the super-scale (as stored)."""
+    for j in range(12):
+        out[o + Q3_SC + j] = 0
+    if has_qw:  # quantize_row_q3_K_impl
+        Ls = np.empty(QK_K // 16, dtype=np.int8)
+        d_block = make_qx_quants(QK_K // 16, 32, scales, Ls, 1, sw)
+        for j in range(QK_K // 16):
+            _q3_K_put_scale(out, o + Q3_SC, j, I(Ls[j]))
+        dd = put_f16(out, o + Q3_D, d_block)
+    else:  # quantize_row_q3_K_ref
+        max_scale = F(0.0)
+        amax = F(0.0)
+        for j in range(QK_K // 16):
+            scale = abs(scales[j])
+            if scale > amax:
+                amax = scale
+                max_scale = scales[j]
+        if max_scale != 0:
+            iscale = F(-32.0) / max_scale
+            for j in range(QK_K // 16):
+                l = i8(nearest_int(iscale * scales[j]))
+                _q3_K_put_scale(out, o + Q3_SC, j, max(-32, min(31, l)) + 32)
+            dd = put_f16(out, o + Q3_D, F(1.0) / iscale)
+        else:
+            dd = put_f16(out, o + Q3_D, F(0.0))
+    return dd
 
 
 # ---------------------------------------------------------------- Q4_K and Q5_K
@@ -239,10 +256,8 @@ def _qk_scales(x, qw, out, o, at_d, at_dmin, at_sc, nmax, L):
     weights = np.empty(32, dtype=np.float32)
     scales = np.empty(QK_K // 32, dtype=np.float32)
     mins = np.empty(QK_K // 32, dtype=np.float32)
+    sw = np.empty(QK_K // 32, dtype=np.float32)
     if qw.shape[0] > 0:  # quantize_row_q{4,5}_K_impl
-        sw = np.empty(QK_K // 32, dtype=np.float32)
-        Ls = np.empty(QK_K // 32, dtype=np.uint8)
-        Lm = np.empty(QK_K // 32, dtype=np.uint8)
         sigma2 = F(2.0) * _sum_squares(x) / F(QK_K)
         for j in range(QK_K // 32):
             for l in range(32):
@@ -253,6 +268,29 @@ def _qk_scales(x, qw, out, o, at_d, at_dmin, at_sc, nmax, L):
             sw[j] = sumw
             scales[j], mins[j] = make_qkx3_quants(32, nmax, x[32 * j:], weights, L[32 * j:], Laux, F(-0.9), F(0.05),
                                                   36, False)
+    else:  # quantize_row_q{4,5}_K_ref
+        for j in range(QK_K // 32):
+            sum_x2 = F(0.0)
+            for l in range(32):
+                sum_x2 += x[32 * j + l] * x[32 * j + l]
+            av_x = np.sqrt(sum_x2 / F(32.0))
+            for l in range(32):
+                weights[l] = av_x + abs(x[32 * j + l])
+            if nmax == 15:
+                scales[j], mins[j] = make_qkx2_quants(32, 15, x[32 * j:], weights, L[32 * j:], Laux, F(-1.0),
+                                                      F(0.1), 20, False)
+            else:
+                scales[j], mins[j] = make_qkx2_quants(32, 31, x[32 * j:], weights, L[32 * j:], Laux, F(-0.5),
+                                                      F(0.1), 15, False)
+    _qk_store(x, qw.shape[0] > 0, scales, mins, sw, out, o, at_d, at_dmin, at_sc, nmax, L)
+
+
+@jit
+def _qk_store(x, has_qw, scales, mins, sw, out, o, at_d, at_dmin, at_sc, nmax, L):
+    """The sub-block scales and mins quantized and stored; then requantize L with them."""
+    if has_qw:  # quantize_row_q{4,5}_K_impl
+        Ls = np.empty(QK_K // 32, dtype=np.uint8)
+        Lm = np.empty(QK_K // 32, dtype=np.uint8)
         d_block = make_qp_quants(QK_K // 32, 63, scales, Ls, sw)
         m_block = make_qp_quants(QK_K // 32, 63, mins, Lm, sw)
         for j in range(QK_K // 32):
@@ -268,18 +306,6 @@ def _qk_scales(x, qw, out, o, at_d, at_dmin, at_sc, nmax, L):
         max_scale = F(0.0)
         max_min = F(0.0)
         for j in range(QK_K // 32):
-            sum_x2 = F(0.0)
-            for l in range(32):
-                sum_x2 += x[32 * j + l] * x[32 * j + l]
-            av_x = np.sqrt(sum_x2 / F(32.0))
-            for l in range(32):
-                weights[l] = av_x + abs(x[32 * j + l])
-            if nmax == 15:
-                scales[j], mins[j] = make_qkx2_quants(32, 15, x[32 * j:], weights, L[32 * j:], Laux, F(-1.0),
-                                                      F(0.1), 20, False)
-            else:
-                scales[j], mins[j] = make_qkx2_quants(32, 31, x[32 * j:], weights, L[32 * j:], Laux, F(-0.5),
-                                                      F(0.1), 15, False)
             if scales[j] > max_scale:
                 max_scale = scales[j]
             if mins[j] > max_min:
@@ -310,9 +336,14 @@ def quantize_row_q4_K(x, qw, out):
         o = i * Q4_BYTES
         xs = x[i * QK_K:(i + 1) * QK_K]
         _qk_scales(xs, qw[i * QK_K:(i + 1) * QK_K], out, o, Q4_D, Q4_DMIN, Q4_SC, 15, L)
-        for j in range(0, QK_K, 64):
-            for l in range(32):
-                out[o + Q4_QS + j // 2 + l] = u8(I(L[j + l]) | (I(L[j + l + 32]) << 4))
+        _q4_K_pack(L, out, o)
+
+
+@jit
+def _q4_K_pack(L, out, o):
+    for j in range(0, QK_K, 64):
+        for l in range(32):
+            out[o + Q4_QS + j // 2 + l] = u8(I(L[j + l]) | (I(L[j + l + 32]) << 4))
 
 
 @jit
@@ -322,23 +353,28 @@ def quantize_row_q5_K(x, qw, out):
         o = i * Q5_BYTES
         xs = x[i * QK_K:(i + 1) * QK_K]
         _qk_scales(xs, qw[i * QK_K:(i + 1) * QK_K], out, o, Q5_D, Q5_DMIN, Q5_SC, 31, L)
+        _q5_K_pack(L, out, o)
+
+
+@jit
+def _q5_K_pack(L, out, o):
+    for j in range(32):
+        out[o + Q5_QH + j] = 0
+    m1 = 1
+    m2 = 2
+    for n in range(0, QK_K, 64):
         for j in range(32):
-            out[o + Q5_QH + j] = 0
-        m1 = 1
-        m2 = 2
-        for n in range(0, QK_K, 64):
-            for j in range(32):
-                l1 = I(L[n + j])
-                if l1 > 15:
-                    l1 -= 16
-                    out[o + Q5_QH + j] |= m1
-                l2 = I(L[n + j + 32])
-                if l2 > 15:
-                    l2 -= 16
-                    out[o + Q5_QH + j] |= m2
-                out[o + Q5_QS + n // 2 + j] = u8(l1 | (l2 << 4))
-            m1 <<= 2
-            m2 <<= 2
+            l1 = I(L[n + j])
+            if l1 > 15:
+                l1 -= 16
+                out[o + Q5_QH + j] |= m1
+            l2 = I(L[n + j + 32])
+            if l2 > 15:
+                l2 -= 16
+                out[o + Q5_QH + j] |= m2
+            out[o + Q5_QS + n // 2 + j] = u8(l1 | (l2 << 4))
+        m1 <<= 2
+        m2 <<= 2
 
 
 # ---------------------------------------------------------------- Q6_K
@@ -349,41 +385,47 @@ def quantize_row_q6_K(x, qw, out):
     scales = np.empty(QK_K // 16, dtype=np.float32)
     for i in range(x.shape[0] // QK_K):
         xs = x[i * QK_K:(i + 1) * QK_K]
-        o = i * Q6_BYTES
-        max_scale = F(0.0)
-        max_abs_scale = F(0.0)
         for ib in range(QK_K // 16):
             # _impl passes the importance itself as the weights; _ref passes NULL (weights x^2)
             qwb = qw[i * QK_K + 16 * ib:i * QK_K + 16 * (ib + 1)]
-            scale = make_qx_quants(16, 32, xs[16 * ib:], L[16 * ib:], 1, qwb)
-            scales[ib] = scale
-            if abs(scale) > max_abs_scale:
-                max_abs_scale = abs(scale)
-                max_scale = scale
-        if max_abs_scale < GROUP_MAX_EPS:
-            for j in range(Q6_BYTES):
-                out[o + j] = 0
-            put_f16(out, o + Q6_D, F(0.0))
+            scales[ib] = make_qx_quants(16, 32, xs[16 * ib:], L[16 * ib:], 1, qwb)
+        _q6_K_store(xs, scales, L, out, i * Q6_BYTES)
+
+
+@jit
+def _q6_K_store(xs, scales, L, out, o):
+    """A super-block's sub-block scales, quantized and stored; then its levels."""
+    max_scale = F(0.0)
+    max_abs_scale = F(0.0)
+    for ib in range(QK_K // 16):
+        scale = scales[ib]
+        if abs(scale) > max_abs_scale:
+            max_abs_scale = abs(scale)
+            max_scale = scale
+    if max_abs_scale < GROUP_MAX_EPS:
+        for j in range(Q6_BYTES):
+            out[o + j] = 0
+        put_f16(out, o + Q6_D, F(0.0))
+        return
+    iscale = F(-128.0) / max_scale
+    dd = put_f16(out, o + Q6_D, F(1.0) / iscale)
+    for ib in range(QK_K // 16):
+        out[o + Q6_SC + ib] = u8(min(127, nearest_int(iscale * scales[ib])))
+    for j in range(QK_K // 16):
+        d = dd * F(i8(I(out[o + Q6_SC + j])))
+        if d == 0:
             continue
-        iscale = F(-128.0) / max_scale
-        dd = put_f16(out, o + Q6_D, F(1.0) / iscale)
-        for ib in range(QK_K // 16):
-            out[o + Q6_SC + ib] = u8(min(127, nearest_int(iscale * scales[ib])))
-        for j in range(QK_K // 16):
-            d = dd * F(i8(I(out[o + Q6_SC + j])))
-            if d == 0:
-                continue
-            for ii in range(16):
-                l = nearest_int(xs[16 * j + ii] / d)
-                L[16 * j + ii] = max(-32, min(31, l)) + 32
-        for j in range(0, QK_K, 128):
-            ql = o + Q6_QL + j // 2
-            qh = o + Q6_QH + j // 4
-            for l in range(32):
-                q1, q2, q3, q4 = I(L[j + l]), I(L[j + l + 32]), I(L[j + l + 64]), I(L[j + l + 96])
-                out[ql + l] = u8((q1 & 0xF) | ((q3 & 0xF) << 4))
-                out[ql + l + 32] = u8((q2 & 0xF) | ((q4 & 0xF) << 4))
-                out[qh + l] = u8((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6))
+        for ii in range(16):
+            l = nearest_int(xs[16 * j + ii] / d)
+            L[16 * j + ii] = max(-32, min(31, l)) + 32
+    for j in range(0, QK_K, 128):
+        ql = o + Q6_QL + j // 2
+        qh = o + Q6_QH + j // 4
+        for l in range(32):
+            q1, q2, q3, q4 = I(L[j + l]), I(L[j + l + 32]), I(L[j + l + 64]), I(L[j + l + 96])
+            out[ql + l] = u8((q1 & 0xF) | ((q3 & 0xF) << 4))
+            out[ql + l + 32] = u8((q2 & 0xF) | ((q4 & 0xF) << 4))
+            out[qh + l] = u8((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6))
 
 
 # One parallel driver per format: rows are independent, so prange shares them out.

@@ -18,7 +18,9 @@ from localmix.kernels import QType, common
 
 TYPES = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
          QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0]
-ROWS_PER_FAMILY = {256: 32, 512: 16, 4096: 2, 14336: 1}
+# 768: an odd number of super-blocks after a full pair, and of legacy blocks past a full group of 16
+# (the fast kernels search 16 sub-blocks at once: two Q4_K/Q5_K super-blocks, 16 legacy blocks)
+ROWS_PER_FAMILY = {256: 32, 512: 16, 768: 8, 4096: 2, 14336: 1}
 IMATRICES = ["none", "random", "zeros"]
 
 
@@ -85,8 +87,10 @@ def test_fast_matches_ggml(data, qtype, imatrix, n):
 @pytest.mark.parametrize("imatrix", IMATRICES)
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_reference_matches_fast(qtype, imatrix):
-    """The plain-Python reading of the kernels, on a row of 256 from each family and a few of 512."""
-    for n, pick in ((256, None), (512, ["uniform", "student_t2", "outlier", "alternating"])):
+    """The plain-Python reading of the plain kernels, on a row of 256 from each family and a few of 512
+    and 768, against the fast kernels (what `quantize` runs) and ggml."""
+    for n, pick in ((256, None), (512, ["uniform", "student_t2", "outlier", "alternating"]),
+                    (768, ["gaussian", "zeros", "tiny"])):
         fam = families(n, 1, seed=100 + n)
         pick = pick or list(fam)
         x = np.concatenate([fam[k] for k in pick])
@@ -95,6 +99,17 @@ def test_reference_matches_fast(qtype, imatrix):
         what = f"{qtype.name} n={n} imatrix={imatrix}"
         assert_same_bytes(kernels.quantize_ref(x, qtype, qw), fast, pick, what)
         assert_same_bytes(fast, ggml_quantize(x, qtype, qw), pick, what)
+
+
+def test_quantize_runs_the_fast_kernels():
+    """Every type with a scale search goes through the batched kernels; the plain ports are the reference."""
+    from localmix.kernels import fast, kquants, legacy
+    for qtype in TYPES:
+        row, driver = kernels.KERNELS[qtype]
+        assert row.py_func.__module__ in (kquants.__name__, legacy.__name__)
+        expected = legacy.__name__ if qtype == QType.Q8_0 else fast.__name__
+        assert driver.py_func.__module__ == expected, qtype.name
+    assert set(fast.DRIVERS) == set(TYPES) - {QType.Q8_0}
 
 
 MAX_ERROR = {  # relative RMS error on Gaussian rows; the measured values are about 2/3 of these
