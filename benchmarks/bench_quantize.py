@@ -26,18 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_convert import WIDTHS, measure  # noqa: E402
+from bench_convert import LLAMA_QUANTIZE, WIDTHS, measure  # noqa: E402
 
 from localmix.convert import convert  # noqa: E402
 from localmix.kernels import QType  # noqa: E402
 from localmix.tiny import make_tiny_checkpoint  # noqa: E402
-
-LLAMA_QUANTIZE = """
-import sys
-sys.path.insert(0, {tests!r})
-from llama_quantize import llama_model_quantize
-llama_model_quantize({src!r}, {out!r}, {ftype!r}, nthread={threads})
-"""
 
 KERNEL_TYPES = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q4_0, QType.Q5_0, QType.Q8_0]
 
