@@ -1,0 +1,172 @@
+"""The engine interface: load a GGUF and stream a reply as small events.
+
+`Engine.generate(tokens, sampling)` is a generator of `Piece` events (a token and the text it
+completes) ending with one `Done` (why it stopped, token counts, timings); the caller may stop
+between tokens by setting the `cancel` event it passed. Front ends (chat, run) see only this
+interface, so the engine behind it can change: today it is llama.cpp through llama-cpp-python,
+with the GGUF memory-mapped; a native engine and a memory planner come later.
+
+What llama-cpp-python leaves to us: incremental UTF-8 (a character may span tokens), stop
+strings (text that could still become a stop string is held back), the first reply token's
+SentencePiece space, a context-length check, and timings.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .errors import InputError
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+    max_tokens: int = 1024
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Piece:
+    """One generated token and the text it completes (empty while a character or a possible
+    stop string is still incomplete)."""
+    token: int
+    text: str
+
+
+@dataclass
+class Done:
+    reason: str                 # "eos", "stop" (a stop string), "length", "context" or "cancelled"
+    prompt_tokens: int          # the whole prompt
+    prompt_evaluated: int       # of which evaluated now (the rest came from the KV cache)
+    generated_tokens: int
+    prompt_seconds: float
+    generate_seconds: float
+    text: str = ""              # the whole reply
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_evaluated / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def generate_tps(self) -> float:
+        return self.generated_tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
+
+
+class ContextOverflow(InputError):
+    def __init__(self, prompt_tokens: int, n_ctx: int):
+        super().__init__(f"the prompt has {prompt_tokens} tokens but the context holds {n_ctx}; "
+                         "shorten it or raise --ctx")
+        self.prompt_tokens, self.n_ctx = prompt_tokens, n_ctx
+
+
+@dataclass
+class _StopFilter:
+    """Holds back text that could still turn into a stop string."""
+    stops: tuple[str, ...]
+    pending: str = field(default="")
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text that is safe to show, whether a stop string was reached)."""
+        self.pending += text
+        for s in self.stops:
+            at = self.pending.find(s)
+            if at >= 0:
+                out, self.pending = self.pending[:at], ""
+                return out, True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+
+class LlamaCppEngine:
+    """llama.cpp through llama-cpp-python, the GGUF memory-mapped. The KV cache is kept
+    between calls: a prompt that extends the previous one evaluates only the new tokens."""
+
+    def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None, verbose: bool = False,
+                 **llama_kwargs):
+        from llama_cpp import Llama
+
+        self.path = Path(path)
+        try:
+            self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx or 0, n_batch=512, use_mmap=True,
+                             n_threads=n_threads or os.cpu_count(), verbose=verbose, **llama_kwargs)
+        except ValueError as e:  # llama-cpp-python's way of saying the load failed
+            raise InputError(f"llama.cpp could not load {self.path}: {e}") from None
+        self.n_ctx = self.llm.n_ctx()
+        self.metadata = dict(self.llm.metadata)
+        self._lock = threading.Lock()
+
+    def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
+
+    def generate(self, tokens: list[int], sampling: Sampling | None = None,
+                 cancel: threading.Event | None = None) -> Iterator[Piece | Done]:
+        s = sampling or Sampling()
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflow(len(tokens), self.n_ctx)
+        llm = self.llm
+        cached = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens)
+        if s.seed is not None:
+            llm.set_seed(s.seed)
+        eos = llm.token_eos()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = _StopFilter(tuple(s.stop))
+        text, n_generated, reason = [], 0, "length"
+        t0 = time.perf_counter()
+        t_first = None
+        with self._lock:
+            stream = llm.generate(tokens, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
+                                  repeat_penalty=s.repeat_penalty, reset=True)
+            try:
+                while n_generated < s.max_tokens:
+                    if cancel is not None and cancel.is_set():
+                        reason = "cancelled"
+                        break
+                    if len(tokens) + n_generated >= self.n_ctx:
+                        reason = "context"
+                        break
+                    token = next(stream)
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                    if token == eos:
+                        reason = "eos"
+                        break
+                    n_generated += 1
+                    piece = decoder.decode(llm.detokenize([token]))
+                    if n_generated == 1:
+                        piece = piece.removeprefix(" ")  # the SentencePiece word-start of the reply
+                    shown, stopped = stops.feed(piece)
+                    text.append(shown)
+                    yield Piece(token, shown)
+                    if stopped:
+                        reason = "stop"
+                        break
+            finally:
+                stream.close()
+        t_end = time.perf_counter()
+        t_first = t_first or t_end
+        yield Done(reason, len(tokens), len(tokens) - cached, n_generated, t_first - t0, t_end - t_first, "".join(text))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
