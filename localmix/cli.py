@@ -63,6 +63,59 @@ def info(
         Console(highlight=False).print(render(summary))
 
 
+@app.command()
+def run(
+    model: Path = typer.Argument(..., help="A GGUF file."),
+    prompt: list[str] = typer.Argument(None, help="The prompt; standard input, when piped, comes first."),
+    system: str = typer.Option(None, "--system", help="A system prompt."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Stop after this many tokens."),
+    temperature: float = typer.Option(0.8, "--temperature", "--temp", min=0.0),
+    top_k: int = typer.Option(40, "--top-k", min=0),
+    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
+    min_p: float = typer.Option(0.05, "--min-p", min=0.0, max=1.0),
+    repeat_penalty: float = typer.Option(1.1, "--repeat-penalty", min=0.0),
+    seed: int = typer.Option(None, "--seed", help="Make sampling reproducible."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop before this text (repeatable)."),
+    ctx: int = typer.Option(None, "--ctx", min=16, help="Context length in tokens [default: the model's, capped by memory]."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token counts, timings, finish reason."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log and a stats line on stderr."),
+):
+    """Answer one prompt and exit: only the reply goes to stdout, ready for a pipe."""
+    from .engine import LlamaCppEngine, Sampling
+    from .oneshot import ask, read_prompt
+
+    text = read_prompt(prompt or [], sys.stdin)
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                        seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()))
+    engine = LlamaCppEngine(model, n_ctx=ctx, verbose=verbose)
+    write = (lambda piece: None) if as_json else _stdout_writer()
+    done = ask(engine, text, system, sampling, write)
+    if as_json:
+        print(json.dumps({"text": done.text, "finish_reason": done.reason, "prompt_tokens": done.prompt_tokens,
+                          "completion_tokens": done.generated_tokens, "prompt_seconds": round(done.prompt_seconds, 4),
+                          "generate_seconds": round(done.generate_seconds, 4),
+                          "prompt_tokens_per_second": round(done.prompt_tps, 2),
+                          "tokens_per_second": round(done.generate_tps, 2)}, ensure_ascii=False))
+    elif done.text and not done.text.endswith("\n"):
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose:
+        err.print(_stats_line(done), style="dim")
+
+
+def _stdout_writer():
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    return write
+
+
+def _stats_line(done) -> str:
+    return (f"prompt {done.prompt_tokens} tokens ({done.prompt_evaluated} evaluated, {done.prompt_tps:.1f} t/s), "
+            f"reply {done.generated_tokens} tokens ({done.generate_tps:.1f} t/s), "
+            f"first token after {done.prompt_seconds:.2f} s, stopped by {done.reason}")
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "localmix"
 
@@ -111,6 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     try:
         code = app(args=argv, prog_name="localmix", standalone_mode=False)
+    except BrokenPipeError:
+        # the reader went away (`| head -c 20`): stop quietly, and keep Python's final
+        # flush of stdout from failing again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except LocalmixError as e:
         err.print(f"localmix: error: {e}", markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
