@@ -65,7 +65,7 @@ def info(
 
 @app.command()
 def run(
-    model: Path = typer.Argument(..., help="A GGUF file."),
+    model: str = typer.Argument(..., help="A GGUF file, or a model pulled by name (REPO:QUANT)."),
     prompt: list[str] = typer.Argument(None, help="The prompt; standard input, when piped, comes first."),
     system: str = typer.Option(None, "--system", help="A system prompt."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Stop after this many tokens."),
@@ -78,16 +78,18 @@ def run(
     stop: list[str] = typer.Option(None, "--stop", help="Stop before this text (repeatable)."),
     ctx: int = typer.Option(None, "--ctx", min=16, help="Context length in tokens [default: the model's, capped by memory]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token counts, timings, finish reason."),
+    force: bool = typer.Option(False, "--force", help="Load even when the model and context look too big for memory."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log and a stats line on stderr."),
 ):
     """Answer one prompt and exit: only the reply goes to stdout, ready for a pipe."""
-    from .engine import LlamaCppEngine, Sampling
+    from .engine import Sampling, open_engine
     from .oneshot import ask, read_prompt
 
+    path = _model_path(model)
     text = read_prompt(prompt or [], sys.stdin)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                         seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()))
-    engine = LlamaCppEngine(model, n_ctx=ctx, verbose=verbose)
+    engine = open_engine(path, ctx=ctx, force=force, verbose=verbose)
     write = (lambda piece: None) if as_json else _stdout_writer()
     done = ask(engine, text, system, sampling, write)
     if as_json:
@@ -101,6 +103,95 @@ def run(
     sys.stdout.flush()
     if verbose:
         err.print(_stats_line(done), style="dim")
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="A GGUF file, or a model pulled by name (REPO:QUANT)."),
+    system: str = typer.Option(None, "--system", help="A system prompt (/system changes it)."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="Stop a reply after this many tokens."),
+    temperature: float = typer.Option(0.8, "--temperature", "--temp", min=0.0),
+    top_k: int = typer.Option(40, "--top-k", min=0),
+    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
+    min_p: float = typer.Option(0.05, "--min-p", min=0.0, max=1.0),
+    repeat_penalty: float = typer.Option(1.1, "--repeat-penalty", min=0.0),
+    seed: int = typer.Option(None, "--seed", help="Make sampling reproducible."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop a reply before this text (repeatable)."),
+    ctx: int = typer.Option(None, "--ctx", min=16, help="Context length in tokens [default: the model's, capped by memory]."),
+    raw: bool = typer.Option(False, "--raw", help="Stream plain text instead of rendering Markdown."),
+    no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
+    force: bool = typer.Option(False, "--force", help="Load even when the model and context look too big for memory."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log."),
+):
+    """Chat in the terminal: replies stream as Markdown, Ctrl-C stops one; /help lists the commands.
+
+    Input history is kept in $XDG_DATA_HOME/localmix/chat_history (~/.local/share/...).
+    """
+    from .engine import Sampling
+
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                        seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()))
+    _chat(_model_path(model), ctx, sampling, system=system, raw=raw, history=not no_history, force=force,
+          verbose=verbose)
+
+
+def _chat(model: Path, ctx: int | None, sampling, system: str | None = None, raw: bool = False, history: bool = True,
+          force: bool = False, verbose: bool = False) -> None:
+    from .chat import ChatSession, engine_reply, history_path, start
+    from .engine import open_engine
+
+    engine = open_engine(model, ctx=ctx, force=force, verbose=verbose)
+    reply, count_tokens = engine_reply(engine)
+    session = ChatSession(reply, sampling=sampling, system=system, n_ctx=engine.n_ctx, count_tokens=count_tokens,
+                          model=str(model))
+    start(session, raw=raw, history=history_path() if history else None)
+
+
+def _model_path(name: str) -> Path:
+    """A path as given, or a model pulled earlier, found in the local Hugging Face cache."""
+    from .models import resolve
+
+    return resolve(name)
+
+
+@app.command()
+def pull(spec: str = typer.Argument(..., help="REPO[:QUANT_OR_FILE], e.g. TheBloke/Mixtral-8x7B-Instruct-v0.1-GGUF:Q4_K_M, "
+                                    "or a checkpoint repo such as mistralai/Mixtral-8x7B-Instruct-v0.1.")):
+    """Download a GGUF (all its parts) or a safetensors checkpoint into the Hugging Face cache (resumable)."""
+    from .models import pull as pull_model
+
+    path = pull_model(spec, progress=err.is_terminal)
+    print(path)
+
+
+@app.command(name="ls")
+def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """List the models in the local cache."""
+    from rich.table import Table
+
+    from .info import human_bytes
+    from .models import list_models
+
+    models = list_models()
+    if as_json:
+        print(json.dumps([{"name": m.name, "kind": m.kind, "size": m.size, "path": str(m.path)} for m in models], indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("name", "kind", "size"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for m in models:
+        table.add_row(m.name, m.kind, human_bytes(m.size))
+    Console(highlight=False).print(table if models else "no models yet: `localmix pull REPO:QUANT` downloads one")
+
+
+@app.command()
+def rm(spec: str = typer.Argument(..., help="REPO or REPO:QUANT_OR_FILE, as `localmix ls` shows it.")):
+    """Delete a model from the local cache."""
+    from .info import human_bytes
+    from .models import remove
+
+    freed = remove(spec)
+    err.print(f"removed {spec}, freed {human_bytes(freed)}")
 
 
 def _stdout_writer():
@@ -123,9 +214,9 @@ def _cache_dir() -> Path:
 @app.command()
 def demo(
     directory: Path = typer.Option(None, "--dir", help="Where to put the demo checkpoint and GGUF [default: ~/.cache/localmix/demo]."),
-    tokens: int = typer.Option(24, "--tokens", help="How many tokens to generate."),
+    tokens: int = typer.Option(24, "--tokens", min=1, help="How many tokens to generate (per reply in the chat)."),
 ):
-    """Build a tiny random Mixtral checkpoint, convert it to GGUF and run it with llama.cpp.
+    """Build a tiny random Mixtral checkpoint, convert it to GGUF and chat with it through llama.cpp.
 
     The weights are random, so the generated text is random by design: the demo shows the
     whole path working, offline, in seconds. For a real model, download one (e.g.
@@ -146,8 +237,14 @@ def demo(
         convert(src, gguf_path, "Q4_K_M", force=True, progress=progress)
     out.print(f"[bold]2.[/] converted it to {gguf_path}:")
     out.print(render(describe(gguf_path)))
-    out.print("[bold]3.[/] llama.cpp runs it (random weights, so random text by design):")
-    _generate(gguf_path, "[INST] Tell me about mixtures of experts. [/INST]", tokens)
+    if sys.stdin.isatty():
+        from .engine import Sampling
+
+        out.print("[bold]3.[/] chat with it through llama.cpp (random weights, so random replies by design):")
+        _chat(gguf_path, 2048, Sampling(max_tokens=tokens))
+    else:
+        out.print("[bold]3.[/] llama.cpp runs it (random weights, so random text by design):")
+        _generate(gguf_path, "[INST] Tell me about mixtures of experts. [/INST]", tokens)
 
 
 def _generate(model: Path, prompt: str, max_tokens: int) -> None:

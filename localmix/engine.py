@@ -104,7 +104,9 @@ class LlamaCppEngine:
                              n_threads=n_threads or os.cpu_count(), verbose=verbose, **llama_kwargs)
         except ValueError as e:  # llama-cpp-python's way of saying the load failed
             raise InputError(f"llama.cpp could not load {self.path}: {e}") from None
-        self.n_ctx = self.llm.n_ctx()
+        # llama.cpp rounds the context up to a multiple of 256; llama-cpp-python's token
+        # buffer keeps the size asked for, so the smaller of the two is what we can use
+        self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self.metadata = dict(self.llm.metadata)
         self._lock = threading.Lock()
 
@@ -170,3 +172,21 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def open_engine(path: str | Path, ctx: int | None = None, force: bool = False, verbose: bool = False) -> LlamaCppEngine:
+    """Check the file, choose the context, check it fits in memory, and load it.
+
+    The default context is the model's own, capped by what memory allows (in steps of 256);
+    a model that does not fit is refused with a suggestion unless `force`."""
+    from .gguf_check import available_memory, check_fits, check_gguf, estimate_memory, largest_fitting_ctx
+
+    summary = check_gguf(path)
+    available = available_memory()
+    if ctx is None:
+        ctx = summary.context_length or 4096
+        fitting = largest_fitting_ctx(estimate_memory(summary, ctx), available)
+        if estimate_memory(summary, ctx).total_bytes > available and fitting:
+            ctx = fitting
+    check_fits(estimate_memory(summary, ctx), available, force)
+    return LlamaCppEngine(path, n_ctx=ctx, verbose=verbose)

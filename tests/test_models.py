@@ -7,6 +7,7 @@ snapshots/<commit>/<path> as relative symlinks to the blobs, refs/main holding t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 from pathlib import Path
@@ -325,3 +326,16 @@ def test_bad_names():
     assert models.parse_spec("a/b") == ("a/b", None)
     assert models.parse_spec("a/b:c.gguf") == ("a/b", "c.gguf")
     assert models.parse_spec("https://huggingface.co/a/b:Q4_K_M") == ("a/b", "Q4_K_M")
+
+
+def test_run_by_name_offline_from_the_cache(hub):
+    """`localmix run REPO:QUANT` works with no network from a pre-filled cache (a real
+    subprocess: the environment, not monkeypatching, points it at the cache)."""
+    from conftest import run_localmix
+
+    env = dict(os.environ, HF_HOME=os.environ["HF_HOME"], HF_HUB_CACHE=str(hub["cache"]), HF_HUB_OFFLINE="1")
+    r = run_localmix("run", f"{GGUF_REPO}:Q8_0", "hello", "--max-tokens", "4", "--seed", "1", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    listed = run_localmix("ls", "--json", env=env)
+    assert f"{GGUF_REPO}:tiny-mixtral.Q8_0.gguf" in {m["name"] for m in json.loads(listed.stdout)}

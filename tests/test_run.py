@@ -52,3 +52,14 @@ def test_closed_pipe_is_quiet(converted):
 def test_no_prompt_is_a_usage_error(converted):
     r = run_localmix("run", converted("mixtral", "Q8_0"), input="")
     assert r.returncode == 2 and "no prompt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_truncated_model_gets_a_clean_message(converted, tmp_path):
+    data = converted("mixtral", "Q8_0").read_bytes()
+    for cut in (3, 100, 5000, len(data) // 2, len(data) - 1):
+        bad = tmp_path / f"cut-{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        r = run_localmix("run", bad, "hello")
+        assert r.returncode == 2, (cut, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert "re-download" in r.stderr or "not a GGUF" in r.stderr
