@@ -63,22 +63,29 @@ def info(
         Console(highlight=False).print(render(summary))
 
 
+# Options that `run` and `chat` share.
+TEMPERATURE = typer.Option(0.8, "--temperature", "--temp", min=0.0)
+TOP_K = typer.Option(40, "--top-k", min=0)
+TOP_P = typer.Option(0.95, "--top-p", min=0.0, max=1.0)
+MIN_P = typer.Option(0.05, "--min-p", min=0.0, max=1.0)
+REPEAT_PENALTY = typer.Option(1.1, "--repeat-penalty", min=0.0)
+SEED = typer.Option(None, "--seed", help="Make sampling reproducible.")
+CTX = typer.Option(None, "--ctx", min=16, help="Context length in tokens [default: the model's, capped by memory].")
+FORCE_LOAD = typer.Option(False, "--force", help="Load even when the model and context look too big for memory.")
+
+
 @app.command()
 def run(
     model: str = typer.Argument(..., help="A GGUF file, or a model pulled by name (REPO:QUANT)."),
     prompt: list[str] = typer.Argument(None, help="The prompt; standard input, when piped, comes first."),
     system: str = typer.Option(None, "--system", help="A system prompt."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Stop after this many tokens."),
-    temperature: float = typer.Option(0.8, "--temperature", "--temp", min=0.0),
-    top_k: int = typer.Option(40, "--top-k", min=0),
-    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
-    min_p: float = typer.Option(0.05, "--min-p", min=0.0, max=1.0),
-    repeat_penalty: float = typer.Option(1.1, "--repeat-penalty", min=0.0),
-    seed: int = typer.Option(None, "--seed", help="Make sampling reproducible."),
+    temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
+    repeat_penalty: float = REPEAT_PENALTY, seed: int = SEED,
     stop: list[str] = typer.Option(None, "--stop", help="Stop before this text (repeatable)."),
-    ctx: int = typer.Option(None, "--ctx", min=16, help="Context length in tokens [default: the model's, capped by memory]."),
+    ctx: int = CTX,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token counts, timings, finish reason."),
-    force: bool = typer.Option(False, "--force", help="Load even when the model and context look too big for memory."),
+    force: bool = FORCE_LOAD,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log and a stats line on stderr."),
 ):
     """Answer one prompt and exit: only the reply goes to stdout, ready for a pipe."""
@@ -110,17 +117,13 @@ def chat(
     model: str = typer.Argument(..., help="A GGUF file, or a model pulled by name (REPO:QUANT)."),
     system: str = typer.Option(None, "--system", help="A system prompt (/system changes it)."),
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="Stop a reply after this many tokens."),
-    temperature: float = typer.Option(0.8, "--temperature", "--temp", min=0.0),
-    top_k: int = typer.Option(40, "--top-k", min=0),
-    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
-    min_p: float = typer.Option(0.05, "--min-p", min=0.0, max=1.0),
-    repeat_penalty: float = typer.Option(1.1, "--repeat-penalty", min=0.0),
-    seed: int = typer.Option(None, "--seed", help="Make sampling reproducible."),
+    temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
+    repeat_penalty: float = REPEAT_PENALTY, seed: int = SEED,
     stop: list[str] = typer.Option(None, "--stop", help="Stop a reply before this text (repeatable)."),
-    ctx: int = typer.Option(None, "--ctx", min=16, help="Context length in tokens [default: the model's, capped by memory]."),
+    ctx: int = CTX,
     raw: bool = typer.Option(False, "--raw", help="Stream plain text instead of rendering Markdown."),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
-    force: bool = typer.Option(False, "--force", help="Load even when the model and context look too big for memory."),
+    force: bool = FORCE_LOAD,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log."),
 ):
     """Chat in the terminal: replies stream as Markdown, Ctrl-C stops one; /help lists the commands.
