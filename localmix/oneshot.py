@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Callable, TextIO
 
-from .chat_template import prompt_tokens, render, template_from_metadata
+from .chat_template import conversation_tokens as render_tokens
+from .chat_template import template_from_metadata
 from .engine import Done, LlamaCppEngine, Piece, Sampling
 from .errors import InputError
 
@@ -30,8 +31,8 @@ def read_prompt(words: list[str], stdin: TextIO | None) -> str:
 
 def conversation_tokens(engine: LlamaCppEngine, messages: list[dict]) -> list[int]:
     """The prompt tokens of a conversation, through the model's own chat template."""
-    text = render(messages, template_from_metadata(engine.metadata))
-    return prompt_tokens(engine.llm.tokenize, text, engine.llm.token_bos())
+    llm = engine.llm
+    return render_tokens(messages, template_from_metadata(engine.metadata), llm.tokenize, llm.token_bos(), llm.token_eos())
 
 
 def ask(engine: LlamaCppEngine, prompt: str, system: str | None, sampling: Sampling,

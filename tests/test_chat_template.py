@@ -6,7 +6,8 @@ import gguf
 import pytest
 
 from conftest import load_llama
-from localmix.chat_template import (prompt_tokens, render, template_from_gguf, template_from_metadata)
+from localmix.chat_template import (conversation_tokens, prompt_tokens, render, template_from_gguf,
+                                    template_from_metadata)
 from localmix.errors import InputError
 from localmix.tiny import MIXTRAL_CHAT_TEMPLATE
 
@@ -92,11 +93,19 @@ def test_the_raw_template_would_glue_the_reply_to_inst(llm):
     assert render(messages, MIXTRAL_CHAT_TEMPLATE) == raw.replace("[/INST]A", "[/INST] A")
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: rendered text is tokenized with special=True, so '<s>'/'</s>' "
-                   "typed in a message become control tokens; mistral-common keeps them as text")
 def test_special_token_text_in_a_message_stays_text(llm):
+    """A user typing "</s>" must not end the turn: only the template's BOS/EOS are control tokens."""
     messages = [{"role": "user", "content": "what does </s> mean in <s> HTML?"}]
-    assert prompt_tokens(llm.tokenize, render(messages, MIXTRAL_CHAT_TEMPLATE), BOS) == mistral_common_tokens(messages)
+    got = conversation_tokens(messages, MIXTRAL_CHAT_TEMPLATE, llm.tokenize, BOS, llm.token_eos())
+    assert got == mistral_common_tokens(messages)
+    assert got.count(BOS) == 1 and llm.token_eos() not in got
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_conversation_tokens_equal_mistral_common(name, llm):
+    messages = CONVERSATIONS[name]
+    assert conversation_tokens(messages, MIXTRAL_CHAT_TEMPLATE, llm.tokenize, BOS, llm.token_eos()) == \
+        mistral_common_tokens(messages)
 
 
 @pytest.mark.parametrize("name", CONVERSATIONS)
