@@ -1,0 +1,138 @@
+"""Where each tensor of a model goes: the GPU (or Metal's working set) or the CPU.
+
+`plan(tensors, shape, n_ctx, gpu_budget, ram_budget)` is a pure function over a tensor table
+(names and bytes), the model's shape and the memory of the machine:
+1. Everything on the GPU when weights + KV cache + compute buffers + headroom fit its budget.
+2. Otherwise the non-expert tensors (attention, norms, router, embeddings, output) and the KV
+   cache stay on the GPU, and the experts of as many layers as fit join them; the experts of
+   the first layers stay in CPU memory, read from the memory-mapped file. This is llama.cpp's
+   `--n-cpu-moe N`: expert tensors of layers 0..N-1 go to the CPU buffer type.
+3. With no GPU, everything stays on the CPU, mapped.
+A plan also says when it does not fit and what would: a smaller context, a smaller quant.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+GiB = 1 << 30
+EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.")
+HEADROOM = 512 << 20      # the GPU runtime's own allocations, fragmentation, display
+KV_BYTES = {"f16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "f32": 4}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+    n_ff: int
+    n_expert_used: int = 0
+
+
+@dataclass
+class Plan:
+    device: str                       # "gpu", "metal" or "cpu"
+    n_ctx: int
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    gpu_bytes: int                    # what the plan puts on the GPU, buffers included
+    cpu_bytes: int                    # weights left on the CPU (mapped)
+    gpu_budget: int | None
+    ram_budget: int | None
+    n_gpu_layers: int                 # llama.cpp's n_gpu_layers (n_layer + 1 = all, output too)
+    cpu_expert_layers: list[int] = field(default_factory=list)
+    fits: bool = True
+    advice: str | None = None
+
+    @property
+    def overrides(self) -> list[tuple[str, str]]:
+        """llama.cpp tensor_buft_overrides: (regex on tensor names, buffer type)."""
+        if not self.cpu_expert_layers:
+            return []
+        layers = "|".join(str(i) for i in self.cpu_expert_layers)
+        return [(rf"^blk\.({layers})\.ffn_(up|down|gate)_exps", "CPU")]
+
+    @property
+    def headroom(self) -> int | None:
+        return None if self.gpu_budget is None else self.gpu_budget - self.gpu_bytes
+
+
+def kv_cache_bytes(d: ModelDims, n_ctx: int, kv_type: str = "f16") -> int:
+    return int(2 * d.n_layer * n_ctx * d.n_head_kv * d.head_dim * KV_BYTES[kv_type])
+
+
+def compute_bytes(d: ModelDims, n_ctx: int, n_ubatch: int = 512) -> int:
+    """llama.cpp's compute buffer: its widest step over a micro-batch (see gguf_check)."""
+    ub = min(n_ctx, n_ubatch)
+    widest = max(d.n_vocab, (d.n_head + 1) * n_ctx, 3 * d.n_ff * max(d.n_expert_used, 1))
+    return 4 * ub * (widest + 8 * d.n_embd)
+
+
+def plan(tensors: list[tuple[str, int]], dims: ModelDims, n_ctx: int, gpu_budget: int | None,
+         ram_budget: int | None = None, kv_type: str = "f16", device: str = "gpu") -> Plan:
+    weights = sum(n for _, n in tensors)
+    kv, compute = kv_cache_bytes(dims, n_ctx, kv_type), compute_bytes(dims, n_ctx)
+    experts: dict[int, int] = {}
+    for name, n in tensors:
+        m = EXPERT.match(name)
+        if m:
+            experts[int(m.group(1))] = experts.get(int(m.group(1)), 0) + n
+    base = weights - sum(experts.values())
+
+    if gpu_budget is None:  # CPU only: all mapped from the file
+        need = weights + kv + compute
+        p = Plan("cpu", n_ctx, weights, kv, compute, 0, weights, None, ram_budget, 0)
+        if ram_budget is not None and need > ram_budget:
+            p.fits = False
+            p.advice = (f"needs {need / GiB:.1f} GiB of RAM for full speed, {ram_budget / GiB:.1f} GiB available: "
+                        "it runs, reading weights from disk (slowly); a smaller quant fits")
+        return p
+
+    full = weights + kv + compute + HEADROOM
+    if full <= gpu_budget:
+        return Plan(device, n_ctx, weights, kv, compute, full, 0, gpu_budget, ram_budget, dims.n_layer + 1)
+
+    fixed = base + kv + compute + HEADROOM
+    if fixed > gpu_budget or not experts:
+        p = Plan(device, n_ctx, weights, kv, compute, 0, weights, gpu_budget, ram_budget, 0, fits=False)
+        smaller = [c for c in (16384, 8192, 4096, 2048) if c < n_ctx and
+                   base + kv_cache_bytes(dims, c, kv_type) + compute_bytes(dims, c) + HEADROOM <= gpu_budget]
+        p.advice = ("the attention weights and KV cache alone do not fit the GPU: "
+                    + (f"use --ctx {smaller[0]} or less, " if smaller else "") + "a smaller quant, or run on the CPU")
+        return p
+
+    # experts of the last layers first onto the GPU; the first layers' experts stay on the CPU
+    room, on_cpu = gpu_budget - fixed, sorted(experts)
+    gpu_experts = 0
+    for layer in sorted(experts, reverse=True):
+        if experts[layer] > room:
+            break
+        room -= experts[layer]
+        gpu_experts += experts[layer]
+        on_cpu.remove(layer)
+    cpu = sum(experts[i] for i in on_cpu)
+    p = Plan(device, n_ctx, weights, kv, compute, fixed + gpu_experts, cpu, gpu_budget, ram_budget,
+             dims.n_layer + 1, on_cpu)
+    if ram_budget is not None and cpu > ram_budget:
+        p.fits = False
+        p.advice = (f"the experts left on the CPU need {cpu / GiB:.1f} GiB of RAM, {ram_budget / GiB:.1f} GiB available: "
+                    "it runs, reading them from disk (slowly); a smaller quant fits")
+    return p
+
+
+def preset_plan(preset: str, file_type: str, n_ctx: int, gpu_budget: int | None, ram_budget: int | None = None,
+                device: str = "gpu") -> Plan:
+    """Plan for a preset model (localmix/presets.py), with no file at hand."""
+    from .presets import preset_config, preset_tensors
+
+    cfg = preset_config(preset)
+    dims = ModelDims(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                     cfg.head_dim, cfg.vocab_size, cfg.intermediate_size, cfg.num_experts_per_tok if cfg.is_moe else 0)
+    tensors = [(t.name, t.n_bytes) for t in preset_tensors(preset, file_type)]
+    return plan(tensors, dims, n_ctx, gpu_budget, ram_budget, device=device)
