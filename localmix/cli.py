@@ -197,6 +197,57 @@ def rm(spec: str = typer.Argument(..., help="REPO or REPO:QUANT_OR_FILE, as `loc
     err.print(f"removed {spec}, freed {human_bytes(freed)}")
 
 
+@app.command()
+def plan(
+    model: str = typer.Argument(..., help="A GGUF file, a pulled name, or a preset and type such as mixtral-8x7b:Q4_K_M "
+                                "(presets: mixtral-8x7b, mixtral-8x22b, mistral-7b)."),
+    ctx: int = typer.Option(8192, "--ctx", min=16, help="Context length to plan for."),
+    vram: str = typer.Option(None, "--vram", help="GPU memory to plan for, e.g. 24GiB [default: what llama.cpp's devices report]."),
+    ram: str = typer.Option(None, "--ram", help="RAM to plan for [default: what is available now]."),
+    metal: bool = typer.Option(False, "--metal", help="With --vram: the budget is a Mac's Metal working set."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+):
+    """Where each tensor goes: the GPU while it fits, the experts of the first layers on the CPU."""
+    from rich.table import Table
+
+    from .devices import gpu_budget, parse_size
+    from .gguf_check import available_memory
+    from .info import human_bytes
+    from .planner import describe, file_plan, preset_plan
+    from .presets import PRESETS
+
+    ram_bytes = parse_size(ram) if ram else available_memory()
+    if vram:
+        device, budget = ("metal" if metal else "gpu"), parse_size(vram)
+    else:
+        found = gpu_budget()
+        device, budget = found if found else ("cpu", None)
+    name, _, file_type = model.partition(":")
+    if name in PRESETS:
+        p = preset_plan(name, (file_type or "Q4_K_M").upper(), ctx, budget, ram_bytes, device=device)
+    else:
+        p = file_plan(_model_path(model), ctx, budget, ram_bytes, device=device)
+    if as_json:
+        print(json.dumps(describe(p), indent=2))
+        return
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    where = {"gpu": "GPU", "metal": "Metal (unified memory)", "cpu": "CPU only, weights mapped from the file"}[p.device]
+    t.add_row("device", where + (f", budget {human_bytes(p.gpu_budget)}" if p.gpu_budget else ""))
+    t.add_row("context", f"{p.n_ctx} tokens: KV cache {human_bytes(p.kv_bytes)}, compute buffers {human_bytes(p.compute_bytes)}")
+    t.add_row("weights", human_bytes(p.weights_bytes))
+    if p.gpu_budget is not None:
+        t.add_row("on the GPU", f"{human_bytes(p.gpu_bytes)} (spare beyond a 512 MiB reserve: {human_bytes(max(p.headroom, 0))}), "
+                  f"n_gpu_layers {p.n_gpu_layers}")
+    layers = p.cpu_expert_layers
+    t.add_row("on the CPU", human_bytes(p.cpu_bytes) + (f": experts of layers {layers[0]}-{layers[-1]} "
+                                                         f"(--n-cpu-moe {len(layers)})" if layers else ""))
+    t.add_row("RAM", human_bytes(p.ram_budget) if p.ram_budget else "unknown")
+    t.add_row("verdict", "fits" if p.fits else f"[yellow]{p.advice}[/]")
+    Console(highlight=False).print(t)
+
+
 def _stdout_writer():
     def write(piece: str) -> None:
         sys.stdout.write(piece)

@@ -136,3 +136,23 @@ def preset_plan(preset: str, file_type: str, n_ctx: int, gpu_budget: int | None,
                      cfg.head_dim, cfg.vocab_size, cfg.intermediate_size, cfg.num_experts_per_tok if cfg.is_moe else 0)
     tensors = [(t.name, t.n_bytes) for t in preset_tensors(preset, file_type)]
     return plan(tensors, dims, n_ctx, gpu_budget, ram_budget, device=device)
+
+
+def file_plan(path, n_ctx: int, gpu_budget: int | None, ram_budget: int | None = None, device: str = "gpu") -> Plan:
+    """Plan for a GGUF file, from its tensor table alone (the weights are not read)."""
+    from .gguf_check import check_gguf
+
+    s = check_gguf(path)
+    dims = ModelDims(s.n_layer or 0, s.n_embd or 0, s.n_head or 0, s.n_head_kv or 0, s.head_dim or 0, s.n_vocab,
+                     s.n_ff or 0, s.n_expert_used)
+    return plan([(t.name, t.n_bytes) for t in s.tensors], dims, n_ctx, gpu_budget, ram_budget, device=device)
+
+
+def describe(p: Plan) -> dict:
+    """The plan as plain data (`localmix plan --json`)."""
+    return {"device": p.device, "n_ctx": p.n_ctx, "fits": p.fits, "advice": p.advice,
+            "n_gpu_layers": p.n_gpu_layers, "cpu_expert_layers": p.cpu_expert_layers,
+            "tensor_overrides": [{"pattern": pat, "buffer_type": buft} for pat, buft in p.overrides],
+            "bytes": {"weights": p.weights_bytes, "kv_cache": p.kv_bytes, "compute": p.compute_bytes,
+                      "gpu_total": p.gpu_bytes, "cpu_weights": p.cpu_bytes, "gpu_budget": p.gpu_budget,
+                      "gpu_headroom": p.headroom, "ram_budget": p.ram_budget}}

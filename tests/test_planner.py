@@ -64,3 +64,19 @@ def test_mac_32_keeps_a_few_layers_experts_of_q3_k_m_on_the_cpu():
 def test_nothing_fits_says_what_would():
     p = preset_plan("mixtral-8x22b", "Q4_K_M", 65536, 6 * GiB, 16 * GiB)
     assert not p.fits and "--ctx" in p.advice and "smaller quant" in p.advice
+
+
+def test_plan_command(converted):
+    import json
+
+    from conftest import run_localmix
+
+    r = run_localmix("plan", "mixtral-8x7b:Q4_K_M", "--vram", "24GiB", "--ram", "64GiB", "--ctx", "8192", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["fits"] and 0 < len(out["cpu_expert_layers"]) < 32
+    assert out["bytes"]["gpu_total"] <= 24 * GiB and out["tensor_overrides"][0]["buffer_type"] == "CPU"
+    text = run_localmix("plan", converted("mixtral", "Q8_0"), "--ram", "16GiB")
+    assert text.returncode == 0 and "fits" in text.stdout
+    bad = run_localmix("plan", "mixtral-8x7b:Q4_K_M", "--vram", "lots")
+    assert bad.returncode == 2 and "size" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,88 @@
+"""The machine's memory: free VRAM per GPU, Metal's working set, and available RAM.
+
+Asked of llama.cpp's own backend device API (`ggml_backend_dev_count/get/type/memory`, bound
+with ctypes from the libggml that llama-cpp-python ships), so localmix sees exactly the
+devices llama.cpp will use: CUDA cards report their free memory, Metal reports the
+recommended working set of unified memory. RAM comes from gguf_check.available_memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+from dataclasses import dataclass
+from functools import cache
+
+DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    description: str
+    kind: str        # "gpu", "igpu", "accel" or "cpu"
+    free: int
+    total: int
+
+
+@cache
+def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    import llama_cpp
+
+    lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    base = ctypes.CDLL(sorted(glob.glob(os.path.join(lib_dir, "libggml-base.*")))[0], mode=ctypes.RTLD_GLOBAL)
+    ggml = ctypes.CDLL(sorted(glob.glob(os.path.join(lib_dir, "libggml.*")))[0], mode=ctypes.RTLD_GLOBAL)
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    for f, res in (("ggml_backend_dev_name", ctypes.c_char_p), ("ggml_backend_dev_description", ctypes.c_char_p),
+                   ("ggml_backend_dev_type", ctypes.c_int)):
+        getattr(base, f).restype = res
+        getattr(base, f).argtypes = [ctypes.c_void_p]
+    base.ggml_backend_dev_memory.restype = None
+    base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    return base, ggml
+
+
+def devices() -> list[Device]:
+    """Every device llama.cpp's build can use, CPU included."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()  # loads the backends, as a model load would
+    base, ggml = _libs()
+    found = []
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        found.append(Device(base.ggml_backend_dev_name(dev).decode(), base.ggml_backend_dev_description(dev).decode(),
+                            DEV_TYPES.get(base.ggml_backend_dev_type(dev), "other"), free.value, total.value))
+    return found
+
+
+def gpu_budget() -> tuple[str, int] | None:
+    """(device kind, bytes free) of the largest GPU-like device, or None on a CPU-only build."""
+    gpus = [d for d in devices() if d.kind in ("gpu", "igpu", "accel")]
+    if not gpus:
+        return None
+    best = max(gpus, key=lambda d: d.free)
+    return ("metal" if best.name.lower().startswith("metal") else "gpu"), best.free
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '24G', '24GB', '512MiB', '1.5T' -> bytes (G and GB taken as GiB, as people mean them)."""
+    from .errors import InputError
+
+    t = text.strip().upper().replace(" ", "")
+    units = {"T": 1 << 40, "G": 1 << 30, "M": 1 << 20, "K": 1 << 10, "": 1}
+    for suffix in ("IB", "B"):
+        if t.endswith(suffix) and t[:-len(suffix)][-1:].isalpha():
+            t = t[: -len(suffix)]
+            break
+    unit = t[-1] if t[-1:].isalpha() else ""
+    try:
+        value = float(t[:-1] if unit else t)
+        return int(value * units[unit])
+    except (ValueError, KeyError):
+        raise InputError(f"cannot read {text!r} as a size; write e.g. 24GiB or 512MiB") from None
