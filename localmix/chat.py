@@ -162,8 +162,9 @@ class ChatSession:
     """One conversation: its messages, sampling parameters and statistics, and the loop."""
 
     def __init__(self, reply: Reply, *, sampling: Sampling | None = None, system: str | None = None,
-                 n_ctx: int | None = None, count_tokens: CountTokens | None = None, model: str = ""):
+                 n_ctx: int | None = None, count_tokens: CountTokens | None = None, model: str = "", memory: str = ""):
         self.reply, self.n_ctx, self.count_tokens, self.model = reply, n_ctx, count_tokens, model
+        self.memory = memory  # what /show says about memory: weights, KV cache, compute, placement
         self.sampling = sampling or Sampling()
         self.conversation = Conversation(system or None)
         self.stats = Stats()

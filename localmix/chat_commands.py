@@ -26,7 +26,7 @@ QUIT = object()
 HELP = """\
 /set <name> <value>   temperature, top_k, top_p, min_p, repeat_penalty, seed (or random),
                       max_tokens, stop (strings, quoted if they hold spaces; none clears)
-/show                 model, parameters, system prompt, context size and use
+/show                 model, memory, parameters, system prompt, context size and use
 /system [text]        set the system prompt (no text removes it)
 /clear                start over (the system prompt stays)
 /regen                write the last reply again
@@ -118,6 +118,7 @@ def _show(session: ChatSession, ui: UI, arg):
     ui.print("\n".join([
         f"model           {session.model}",
         f"context         {context}",
+        *([f"memory          {session.memory}"] if session.memory else []),
         f"conversation    {len(session.conversation.turns)} messages",
         f"system prompt   {session.conversation.system or '(none)'}",
         *(f"{k:<16}{v!r}" for k, v in asdict(s).items()),

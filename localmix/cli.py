@@ -146,8 +146,17 @@ def _chat(model: Path, ctx: int | None, sampling, system: str | None = None, raw
     engine = open_engine(model, ctx=ctx, force=force, verbose=verbose)
     reply, count_tokens = engine_reply(engine)
     session = ChatSession(reply, sampling=sampling, system=system, n_ctx=engine.n_ctx, count_tokens=count_tokens,
-                          model=str(model))
+                          model=str(model), memory=_memory_line(model, engine.n_ctx))
     start(session, raw=raw, history=history_path() if history else None)
+
+
+def _memory_line(model: Path, n_ctx: int) -> str:
+    from .gguf_check import check_gguf, estimate_memory
+    from .info import human_bytes
+
+    e = estimate_memory(check_gguf(model), n_ctx)
+    return (f"weights {human_bytes(e.weights_bytes)} (memory-mapped), KV cache {human_bytes(e.kv_bytes)}, "
+            f"compute ~{human_bytes(e.compute_bytes)}; all on the CPU")
 
 
 def _model_path(name: str) -> Path:
