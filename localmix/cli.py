@@ -307,16 +307,16 @@ def demo(
         _chat(gguf_path, 2048, Sampling(max_tokens=tokens))
     else:
         out.print("[bold]3.[/] llama.cpp runs it (random weights, so random text by design):")
-        _generate(gguf_path, "[INST] Tell me about mixtures of experts. [/INST]", tokens)
+        _generate(gguf_path, "Tell me about mixtures of experts.", tokens)
 
 
 def _generate(model: Path, prompt: str, max_tokens: int) -> None:
-    from llama_cpp import Llama
+    """One reply from the demo model, through the same engine and chat template as `run`."""
+    from .engine import Sampling, open_engine
+    from .oneshot import ask
 
-    llm = Llama(model_path=str(model), n_ctx=256, verbose=False, seed=0)
-    for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True):
-        sys.stdout.write(chunk["choices"][0]["text"])
-        sys.stdout.flush()
+    engine = open_engine(model, ctx=256)
+    ask(engine, prompt, None, Sampling(temperature=0.0, max_tokens=max_tokens), _stdout_writer())
     sys.stdout.write("\n")
 
 
