@@ -72,6 +72,13 @@ REPEAT_PENALTY = typer.Option(1.1, "--repeat-penalty", min=0.0)
 SEED = typer.Option(None, "--seed", help="Make sampling reproducible.")
 CTX = typer.Option(None, "--ctx", min=16, help="Context length in tokens [default: the model's, capped by memory].")
 FORCE_LOAD = typer.Option(False, "--force", help="Load even when the model and context look too big for memory.")
+VRAM = typer.Option(None, "--vram", help="Plan for this much GPU memory, e.g. 20GiB [default: what the GPU reports free].")
+RAM = typer.Option(None, "--ram", help="Plan for this much RAM [default: what is available now].")
+N_CPU_MOE = typer.Option(None, "--n-cpu-moe", min=0, help="Keep the experts of the first N layers on the CPU "
+                         "[default: as few as the GPU needs].")
+GPU_LAYERS = typer.Option(None, "--gpu-layers", "-ngl", min=0, help="llama.cpp's n_gpu_layers [default: the plan's].")
+REPACK = typer.Option(False, "--repack", help="Let llama.cpp copy CPU weights into its repacked layouts: faster "
+                      "products, but those weights are read at load and stay resident instead of mapped.")
 
 
 @app.command()
@@ -85,18 +92,23 @@ def run(
     stop: list[str] = typer.Option(None, "--stop", help="Stop before this text (repeatable)."),
     ctx: int = CTX,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token counts, timings, finish reason."),
-    force: bool = FORCE_LOAD,
+    force: bool = FORCE_LOAD, vram: str = VRAM, ram: str = RAM, n_cpu_moe: int = N_CPU_MOE, gpu_layers: int = GPU_LAYERS,
+    repack: bool = REPACK,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log and a stats line on stderr."),
 ):
     """Answer one prompt and exit: only the reply goes to stdout, ready for a pipe."""
     from .engine import Sampling, open_engine
     from .oneshot import ask, read_prompt
+    from .planner import placement_line
 
     path = _model_path(model)
     text = read_prompt(prompt or [], sys.stdin)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                         seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()))
-    engine = open_engine(path, ctx=ctx, force=force, verbose=verbose)
+    engine = open_engine(path, ctx=ctx, force=force, verbose=verbose, vram=vram, ram=ram, n_cpu_moe=n_cpu_moe,
+                         gpu_layers=gpu_layers, repack=repack)
+    if verbose:
+        err.print(f"placement: {placement_line(engine.plan)}", style="dim")
     write = (lambda piece: None) if as_json else _stdout_writer()
     done = ask(engine, text, system, sampling, write)
     if as_json:
@@ -123,7 +135,8 @@ def chat(
     ctx: int = CTX,
     raw: bool = typer.Option(False, "--raw", help="Stream plain text instead of rendering Markdown."),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
-    force: bool = FORCE_LOAD,
+    force: bool = FORCE_LOAD, vram: str = VRAM, ram: str = RAM, n_cpu_moe: int = N_CPU_MOE, gpu_layers: int = GPU_LAYERS,
+    repack: bool = REPACK,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log."),
 ):
     """Chat in the terminal: replies stream as Markdown, Ctrl-C stops one; /help lists the commands.
@@ -135,28 +148,20 @@ def chat(
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                         seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()))
     _chat(_model_path(model), ctx, sampling, system=system, raw=raw, history=not no_history, force=force,
-          verbose=verbose)
+          verbose=verbose, vram=vram, ram=ram, n_cpu_moe=n_cpu_moe, gpu_layers=gpu_layers, repack=repack)
 
 
 def _chat(model: Path, ctx: int | None, sampling, system: str | None = None, raw: bool = False, history: bool = True,
-          force: bool = False, verbose: bool = False) -> None:
+          **load) -> None:
     from .chat import ChatSession, engine_reply, history_path, start
     from .engine import open_engine
+    from .planner import placement_line
 
-    engine = open_engine(model, ctx=ctx, force=force, verbose=verbose)
+    engine = open_engine(model, ctx=ctx, **load)
     reply, count_tokens = engine_reply(engine)
     session = ChatSession(reply, sampling=sampling, system=system, n_ctx=engine.n_ctx, count_tokens=count_tokens,
-                          model=str(model), memory=_memory_line(model, engine.n_ctx))
+                          model=str(model), memory=placement_line(engine.plan))
     start(session, raw=raw, history=history_path() if history else None)
-
-
-def _memory_line(model: Path, n_ctx: int) -> str:
-    from .gguf_check import check_gguf, estimate_memory
-    from .info import human_bytes
-
-    e = estimate_memory(check_gguf(model), n_ctx)
-    return (f"weights {human_bytes(e.weights_bytes)} (memory-mapped), KV cache {human_bytes(e.kv_bytes)}, "
-            f"compute ~{human_bytes(e.compute_bytes)}; all on the CPU")
 
 
 def _model_path(name: str) -> Path:
@@ -214,28 +219,23 @@ def plan(
     vram: str = typer.Option(None, "--vram", help="GPU memory to plan for, e.g. 24GiB [default: what llama.cpp's devices report]."),
     ram: str = typer.Option(None, "--ram", help="RAM to plan for [default: what is available now]."),
     metal: bool = typer.Option(False, "--metal", help="With --vram: the budget is a Mac's Metal working set."),
+    n_cpu_moe: int = typer.Option(None, "--n-cpu-moe", min=0, help="Keep the experts of the first N layers on the CPU."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ):
     """Where each tensor goes: the GPU while it fits, the experts of the first layers on the CPU."""
     from rich.table import Table
 
-    from .devices import gpu_budget, parse_size
-    from .gguf_check import available_memory
+    from .devices import machine
     from .info import human_bytes
     from .planner import describe, file_plan, preset_plan
     from .presets import PRESETS
 
-    ram_bytes = parse_size(ram) if ram else available_memory()
-    if vram:
-        device, budget = ("metal" if metal else "gpu"), parse_size(vram)
-    else:
-        found = gpu_budget()
-        device, budget = found if found else ("cpu", None)
+    device, budget, ram_bytes = machine(vram, ram, metal)
     name, _, file_type = model.partition(":")
     if name in PRESETS:
-        p = preset_plan(name, (file_type or "Q4_K_M").upper(), ctx, budget, ram_bytes, device=device)
+        p = preset_plan(name, (file_type or "Q4_K_M").upper(), ctx, budget, ram_bytes, device=device, n_cpu_moe=n_cpu_moe)
     else:
-        p = file_plan(_model_path(model), ctx, budget, ram_bytes, device=device)
+        p = file_plan(_model_path(model), ctx, budget, ram_bytes, device=device, n_cpu_moe=n_cpu_moe)
     if as_json:
         print(json.dumps(describe(p), indent=2))
         return

@@ -40,6 +40,10 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
                    ("ggml_backend_dev_type", ctypes.c_int)):
         getattr(base, f).restype = res
         getattr(base, f).argtypes = [ctypes.c_void_p]
+    base.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    base.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_buft_name.restype = ctypes.c_char_p
+    base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
     base.ggml_backend_dev_memory.restype = None
     base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
     return base, ggml
@@ -61,6 +65,24 @@ def devices() -> list[Device]:
     return found
 
 
+def buffer_type(name: str) -> int:
+    """The address of the buffer type llama.cpp calls `name` ("CPU", "CUDA0", "Metal"...): a
+    device's default buffer type, as llama.cpp's --override-tensor looks them up."""
+    from .errors import InputError
+
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    base, ggml = _libs()
+    names = []
+    for i in range(ggml.ggml_backend_dev_count()):
+        buft = base.ggml_backend_dev_buffer_type(ggml.ggml_backend_dev_get(i))
+        names.append(base.ggml_backend_buft_name(buft).decode())
+        if names[-1] == name:
+            return buft
+    raise InputError(f"llama.cpp has no buffer type {name!r} here; it has {', '.join(names)}")
+
+
 def gpu_budget() -> tuple[str, int] | None:
     """(device kind, bytes free) of the largest GPU-like device, or None on a CPU-only build."""
     gpus = [d for d in devices() if d.kind in ("gpu", "igpu", "accel")]
@@ -68,6 +90,18 @@ def gpu_budget() -> tuple[str, int] | None:
         return None
     best = max(gpus, key=lambda d: d.free)
     return ("metal" if best.name.lower().startswith("metal") else "gpu"), best.free
+
+
+def machine(vram: str | None = None, ram: str | None = None, metal: bool = False) -> tuple[str, int | None, int]:
+    """(device kind, GPU budget or None, RAM budget) of this machine, or of the one that
+    `vram`/`ram` describe ("24GiB"; `metal`: the VRAM is a Mac's Metal working set)."""
+    from .gguf_check import available_memory
+
+    ram_bytes = parse_size(ram) if ram else available_memory()
+    if vram:
+        return ("metal" if metal else "gpu"), parse_size(vram), ram_bytes
+    found = gpu_budget()
+    return (*found, ram_bytes) if found else ("cpu", None, ram_bytes)
 
 
 def parse_size(text: str) -> int:

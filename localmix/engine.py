@@ -3,8 +3,8 @@
 `Engine.generate(tokens, sampling)` is a generator of `Piece` events (a token and the text it
 completes) ending with one `Done` (why it stopped, token counts, timings); the caller may stop
 between tokens by setting the `cancel` event it passed. Front ends (chat, run) see only this
-interface, so the engine behind it can change: today it is llama.cpp through llama-cpp-python,
-with the GGUF memory-mapped; a native engine and a memory planner come later.
+interface, so the engine behind it can change: llama.cpp through llama-cpp-python, with the
+GGUF memory-mapped and its tensors placed by the memory planner (planner.py, offload.py).
 
 What llama-cpp-python leaves to us: incremental UTF-8 (a character may span tokens), stop
 strings (text that could still become a stop string is held back), the first reply token's
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import InputError
+from .planner import Plan
 
 
 @dataclass
@@ -95,13 +96,13 @@ class LlamaCppEngine:
     between calls: a prompt that extends the previous one evaluates only the new tokens."""
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None, verbose: bool = False,
-                 **llama_kwargs):
-        from llama_cpp import Llama
+                 plan: Plan | None = None, n_gpu_layers: int | None = None, repack: bool = False, **llama_kwargs):
+        from .offload import load_llama
 
-        self.path = Path(path)
+        self.path, self.plan = Path(path), plan
         try:
-            self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx or 0, n_batch=512, use_mmap=True,
-                             n_threads=n_threads or os.cpu_count(), verbose=verbose, **llama_kwargs)
+            self.llm = load_llama(str(self.path), plan, n_gpu_layers, repack, n_ctx=n_ctx or 0, n_batch=512,
+                                  use_mmap=True, n_threads=n_threads or os.cpu_count(), verbose=verbose, **llama_kwargs)
         except ValueError as e:  # llama-cpp-python's way of saying the load failed
             raise InputError(f"llama.cpp could not load {self.path}: {e}") from None
         # llama.cpp rounds the context up to a multiple of 256; llama-cpp-python's token
@@ -174,19 +175,38 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def open_engine(path: str | Path, ctx: int | None = None, force: bool = False, verbose: bool = False) -> LlamaCppEngine:
-    """Check the file, choose the context, check it fits in memory, and load it.
+def open_engine(path: str | Path, ctx: int | None = None, force: bool = False, verbose: bool = False,
+                vram: str | None = None, ram: str | None = None, n_cpu_moe: int | None = None,
+                gpu_layers: int | None = None, repack: bool = False) -> LlamaCppEngine:
+    """Check the file, choose the context, plan where the tensors go, check it fits, and load it.
 
-    The default context is the model's own, capped by what memory allows (in steps of 256);
-    a model that does not fit is refused with a suggestion unless `force`."""
-    from .gguf_check import available_memory, check_fits, check_gguf, estimate_memory, largest_fitting_ctx
+    On the CPU the default context is the model's own, capped by what RAM allows (in steps of
+    256) and a model that does not fit is refused with a suggestion unless `force`. With a GPU
+    (or `vram`, a size such as "24GiB") the planner keeps attention, norms, router, embeddings
+    and the KV cache on it and as many layers' experts as fit; the default context is the
+    largest of the model's own, 16K, 8K, 4K and 2K whose plan fits. `n_cpu_moe` and
+    `gpu_layers` overrule the planner, as llama.cpp's flags of those names do."""
+    from .devices import machine
+    from .gguf_check import check_fits, check_gguf, estimate_memory, largest_fitting_ctx
+    from .planner import file_plan
 
     summary = check_gguf(path)
-    available = available_memory()
-    if ctx is None:
-        ctx = summary.context_length or 4096
-        fitting = largest_fitting_ctx(estimate_memory(summary, ctx), available)
-        if estimate_memory(summary, ctx).total_bytes > available and fitting:
-            ctx = fitting
-    check_fits(estimate_memory(summary, ctx), available, force)
-    return LlamaCppEngine(path, n_ctx=ctx, verbose=verbose)
+    device, gpu_budget, ram_budget = machine(vram, ram)
+    if device == "cpu":
+        if ctx is None:
+            ctx = summary.context_length or 4096
+            fitting = largest_fitting_ctx(estimate_memory(summary, ctx), ram_budget)
+            if estimate_memory(summary, ctx).total_bytes > ram_budget and fitting:
+                ctx = fitting
+        check_fits(estimate_memory(summary, ctx), ram_budget, force)
+        plan = file_plan(path, ctx, None, ram_budget)
+    else:
+        own = summary.context_length or 4096
+        tries = [ctx] if ctx else [own] + [c for c in (16384, 8192, 4096, 2048) if c < own]
+        for ctx in tries:
+            plan = file_plan(path, ctx, gpu_budget, ram_budget, device, n_cpu_moe)
+            if plan.fits:
+                break
+        if not plan.fits and not force:
+            raise InputError(f"{Path(path).name} at {ctx} tokens of context: {plan.advice} (--force loads it anyway)")
+    return LlamaCppEngine(path, n_ctx=ctx, verbose=verbose, plan=plan, n_gpu_layers=gpu_layers, repack=repack)

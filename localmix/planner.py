@@ -75,7 +75,10 @@ def compute_bytes(d: ModelDims, n_ctx: int, n_ubatch: int = 512) -> int:
 
 
 def plan(tensors: list[tuple[str, int]], dims: ModelDims, n_ctx: int, gpu_budget: int | None,
-         ram_budget: int | None = None, kv_type: str = "f16", device: str = "gpu") -> Plan:
+         ram_budget: int | None = None, kv_type: str = "f16", device: str = "gpu",
+         n_cpu_moe: int | None = None) -> Plan:
+    """`n_cpu_moe` fixes the number of layers whose experts stay on the CPU (the user knows
+    better); otherwise as few as fit the budget."""
     weights = sum(n for _, n in tensors)
     kv, compute = kv_cache_bytes(dims, n_ctx, kv_type), compute_bytes(dims, n_ctx)
     experts: dict[int, int] = {}
@@ -95,7 +98,7 @@ def plan(tensors: list[tuple[str, int]], dims: ModelDims, n_ctx: int, gpu_budget
         return p
 
     full = weights + kv + compute + HEADROOM
-    if full <= gpu_budget:
+    if full <= gpu_budget and not n_cpu_moe:
         return Plan(device, n_ctx, weights, kv, compute, full, 0, gpu_budget, ram_budget, dims.n_layer + 1)
 
     fixed = base + kv + compute + HEADROOM
@@ -107,18 +110,21 @@ def plan(tensors: list[tuple[str, int]], dims: ModelDims, n_ctx: int, gpu_budget
                     + (f"use --ctx {smaller[0]} or less, " if smaller else "") + "a smaller quant, or run on the CPU")
         return p
 
-    # experts of the last layers first onto the GPU; the first layers' experts stay on the CPU
-    room, on_cpu = gpu_budget - fixed, sorted(experts)
-    gpu_experts = 0
-    for layer in sorted(experts, reverse=True):
-        if experts[layer] > room:
-            break
-        room -= experts[layer]
-        gpu_experts += experts[layer]
-        on_cpu.remove(layer)
+    if n_cpu_moe is None:  # experts of the last layers first onto the GPU, the first layers' stay on the CPU
+        room, n_cpu_moe = gpu_budget - fixed, len(experts)
+        for layer in sorted(experts, reverse=True):
+            if experts[layer] > room:
+                break
+            room -= experts[layer]
+            n_cpu_moe -= 1
+    on_cpu = sorted(experts)[:n_cpu_moe]
     cpu = sum(experts[i] for i in on_cpu)
-    p = Plan(device, n_ctx, weights, kv, compute, fixed + gpu_experts, cpu, gpu_budget, ram_budget,
-             dims.n_layer + 1, on_cpu)
+    p = Plan(device, n_ctx, weights, kv, compute, weights - cpu + kv + compute + HEADROOM, cpu, gpu_budget,
+             ram_budget, dims.n_layer + 1, on_cpu)
+    if p.gpu_bytes > gpu_budget:
+        p.fits = False
+        p.advice = (f"with the experts of {n_cpu_moe} layers on the CPU the GPU needs {p.gpu_bytes / GiB:.1f} GiB: "
+                    "raise --n-cpu-moe or leave it to the planner")
     if ram_budget is not None and cpu > ram_budget:
         p.fits = False
         p.advice = (f"the experts left on the CPU need {cpu / GiB:.1f} GiB of RAM, {ram_budget / GiB:.1f} GiB available: "
@@ -127,7 +133,7 @@ def plan(tensors: list[tuple[str, int]], dims: ModelDims, n_ctx: int, gpu_budget
 
 
 def preset_plan(preset: str, file_type: str, n_ctx: int, gpu_budget: int | None, ram_budget: int | None = None,
-                device: str = "gpu") -> Plan:
+                device: str = "gpu", n_cpu_moe: int | None = None) -> Plan:
     """Plan for a preset model (localmix/presets.py), with no file at hand."""
     from .presets import preset_config, preset_tensors
 
@@ -135,17 +141,34 @@ def preset_plan(preset: str, file_type: str, n_ctx: int, gpu_budget: int | None,
     dims = ModelDims(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                      cfg.head_dim, cfg.vocab_size, cfg.intermediate_size, cfg.num_experts_per_tok if cfg.is_moe else 0)
     tensors = [(t.name, t.n_bytes) for t in preset_tensors(preset, file_type)]
-    return plan(tensors, dims, n_ctx, gpu_budget, ram_budget, device=device)
+    return plan(tensors, dims, n_ctx, gpu_budget, ram_budget, device=device, n_cpu_moe=n_cpu_moe)
 
 
-def file_plan(path, n_ctx: int, gpu_budget: int | None, ram_budget: int | None = None, device: str = "gpu") -> Plan:
+def file_plan(path, n_ctx: int, gpu_budget: int | None, ram_budget: int | None = None, device: str = "gpu",
+              n_cpu_moe: int | None = None) -> Plan:
     """Plan for a GGUF file, from its tensor table alone (the weights are not read)."""
     from .gguf_check import check_gguf
 
     s = check_gguf(path)
     dims = ModelDims(s.n_layer or 0, s.n_embd or 0, s.n_head or 0, s.n_head_kv or 0, s.head_dim or 0, s.n_vocab,
                      s.n_ff or 0, s.n_expert_used)
-    return plan([(t.name, t.n_bytes) for t in s.tensors], dims, n_ctx, gpu_budget, ram_budget, device=device)
+    return plan([(t.name, t.n_bytes) for t in s.tensors], dims, n_ctx, gpu_budget, ram_budget, device=device,
+                n_cpu_moe=n_cpu_moe)
+
+
+def placement_line(p: Plan) -> str:
+    """The plan in one line, for `/show` and `run --verbose`."""
+    from .info import human_bytes as h
+
+    sizes = f"weights {h(p.weights_bytes)}, KV cache {h(p.kv_bytes)}, compute ~{h(p.compute_bytes)}"
+    if p.device == "cpu":
+        return f"{sizes}; all on the CPU, weights memory-mapped"
+    where = "Metal" if p.device == "metal" else "the GPU"
+    if not p.cpu_expert_layers:
+        return f"{sizes}; all on {where} ({h(p.gpu_bytes)} of {h(p.gpu_budget)})"
+    layers = p.cpu_expert_layers
+    return (f"{sizes}; {h(p.gpu_bytes)} on {where} (of {h(p.gpu_budget)}), experts of layers "
+            f"{layers[0]}-{layers[-1]} ({h(p.cpu_bytes)}) on the CPU, memory-mapped")
 
 
 def describe(p: Plan) -> dict:

@@ -1,0 +1,85 @@
+"""Hand a placement plan to llama.cpp: tensor buffer-type overrides and n_gpu_layers.
+
+llama.cpp places tensors by layer (`n_gpu_layers`) and then by pattern: a NULL-terminated
+array of `{regex, buffer type}` in `llama_model_params.tensor_buft_overrides` sends matching
+tensors elsewhere (what `--override-tensor` and `--n-cpu-moe` fill in llama.cpp's tools).
+llama-cpp-python declares that field but never fills it (`c_void_p  # NOTE: unused`), and its
+`Llama` builds the params and loads the model within one constructor. So `load_llama` builds
+the array here and has it copied into the params that constructor asks
+`llama_model_default_params` for, by wrapping that function for the duration of the one call
+(under a lock, so no other load sees it). The array and its strings stay referenced from the
+returned `Llama` for as long as the model lives.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from contextlib import contextmanager
+
+from .planner import Plan
+
+_LOCK = threading.Lock()
+
+
+class BufferTypeOverride(ctypes.Structure):
+    """struct llama_model_tensor_buft_override { const char * pattern; ggml_backend_buffer_type_t buft; }"""
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def override_array(overrides: list[tuple[str, str]]) -> ctypes.Array | None:
+    """(regex, buffer type name) pairs -> the NULL-terminated C array, or None for no overrides.
+
+    The patterns are C++ std::regex searches on tensor names, as llama.cpp's own flags."""
+    if not overrides:
+        return None
+    from .devices import buffer_type
+
+    array = (BufferTypeOverride * (len(overrides) + 1))()  # zeroed: the last entry is the terminator
+    for entry, (pattern, buft_name) in zip(array, overrides):
+        entry.pattern = pattern.encode()
+        entry.buft = buffer_type(buft_name)
+    return array
+
+
+@contextmanager
+def _model_params_with(overrides: ctypes.Array | None, repack: bool):
+    """While active, llama-cpp-python's `llama_model_default_params()` returns params whose
+    tensor_buft_overrides point at `overrides` and whose use_extra_bufts is `repack`."""
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def with_overrides():
+        params = default()
+        params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p).value if overrides else None
+        params.use_extra_bufts = repack
+        return params
+
+    with _LOCK:
+        lib.llama_model_default_params = with_overrides
+        try:
+            yield
+        finally:
+            lib.llama_model_default_params = default
+
+
+def load_llama(model_path: str, plan: Plan | None = None, n_gpu_layers: int | None = None, repack: bool = False,
+               **kwargs):
+    """`llama_cpp.Llama(model_path, **kwargs)` placed by `plan`: its n_gpu_layers (unless given)
+    and its tensor overrides (the experts it keeps on the CPU).
+
+    `repack=False` keeps every CPU tensor in the memory map. llama.cpp's default (True) copies
+    the weights of some types (Q4_0, Q4_K, IQ4_NL...) into "CPU_REPACK" buffers interleaved for
+    its SIMD kernels (and AMX tiles where built in): faster matrix products, but the copy is
+    anonymous memory the size of those weights, read in full at load time, so a model larger
+    than RAM cannot load and a model that fits loads slowly and stays resident."""
+    from llama_cpp import Llama
+
+    if n_gpu_layers is None:
+        n_gpu_layers = plan.n_gpu_layers if plan else 0
+    overrides = override_array(plan.overrides if plan else [])
+    with _model_params_with(overrides, repack):
+        llm = Llama(model_path=model_path, n_gpu_layers=n_gpu_layers, **kwargs)
+    llm._localmix_overrides = overrides  # llama.cpp holds the pointers: keep them alive with the model
+    return llm
