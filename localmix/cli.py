@@ -77,8 +77,9 @@ RAM = typer.Option(None, "--ram", help="Plan for this much RAM [default: what is
 N_CPU_MOE = typer.Option(None, "--n-cpu-moe", min=0, help="Keep the experts of the first N layers on the CPU "
                          "[default: as few as the GPU needs].")
 GPU_LAYERS = typer.Option(None, "--gpu-layers", "-ngl", min=0, help="llama.cpp's n_gpu_layers [default: the plan's].")
-REPACK = typer.Option(False, "--repack", help="Let llama.cpp copy CPU weights into its repacked layouts: faster "
-                      "products, but those weights are read at load and stay resident instead of mapped.")
+REPACK = typer.Option(None, "--repack/--no-repack", help="Let llama.cpp copy CPU weights into its repacked layouts: "
+                      "faster products, but read in full at load and resident instead of mapped "
+                      "[default: when RAM holds the file and the copy].")
 
 
 @app.command()
@@ -93,7 +94,7 @@ def run(
     ctx: int = CTX,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token counts, timings, finish reason."),
     force: bool = FORCE_LOAD, vram: str = VRAM, ram: str = RAM, n_cpu_moe: int = N_CPU_MOE, gpu_layers: int = GPU_LAYERS,
-    repack: bool = REPACK,
+    repack: bool | None = REPACK,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log and a stats line on stderr."),
 ):
     """Answer one prompt and exit: only the reply goes to stdout, ready for a pipe."""
@@ -136,7 +137,7 @@ def chat(
     raw: bool = typer.Option(False, "--raw", help="Stream plain text instead of rendering Markdown."),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
     force: bool = FORCE_LOAD, vram: str = VRAM, ram: str = RAM, n_cpu_moe: int = N_CPU_MOE, gpu_layers: int = GPU_LAYERS,
-    repack: bool = REPACK,
+    repack: bool | None = REPACK,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log."),
 ):
     """Chat in the terminal: replies stream as Markdown, Ctrl-C stops one; /help lists the commands.
@@ -252,7 +253,8 @@ def plan(
     layers = p.cpu_expert_layers
     t.add_row("on the CPU", human_bytes(p.cpu_bytes) + (f": experts of layers {layers[0]}-{layers[-1]} "
                                                          f"(--n-cpu-moe {len(layers)})" if layers else ""))
-    t.add_row("RAM", human_bytes(p.ram_budget) if p.ram_budget else "unknown")
+    t.add_row("RAM", (human_bytes(p.ram_budget) if p.ram_budget else "unknown")
+              + ("; CPU weights repacked for speed" if p.repack and p.cpu_bytes else ""))
     t.add_row("verdict", "fits" if p.fits else f"[yellow]{p.advice}[/]")
     Console(highlight=False).print(t)
 

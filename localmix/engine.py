@@ -177,7 +177,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def open_engine(path: str | Path, ctx: int | None = None, force: bool = False, verbose: bool = False,
                 vram: str | None = None, ram: str | None = None, n_cpu_moe: int | None = None,
-                gpu_layers: int | None = None, repack: bool = False) -> LlamaCppEngine:
+                gpu_layers: int | None = None, repack: bool | None = None) -> LlamaCppEngine:
     """Check the file, choose the context, plan where the tensors go, check it fits, and load it.
 
     On the CPU the default context is the model's own, capped by what RAM allows (in steps of
@@ -185,7 +185,8 @@ def open_engine(path: str | Path, ctx: int | None = None, force: bool = False, v
     (or `vram`, a size such as "24GiB") the planner keeps attention, norms, router, embeddings
     and the KV cache on it and as many layers' experts as fit; the default context is the
     largest of the model's own, 16K, 8K, 4K and 2K whose plan fits. `n_cpu_moe` and
-    `gpu_layers` overrule the planner, as llama.cpp's flags of those names do."""
+    `gpu_layers` overrule the planner, as llama.cpp's flags of those names do; `repack` too
+    (None: the plan's choice)."""
     from .devices import machine
     from .gguf_check import check_fits, check_gguf, estimate_memory, largest_fitting_ctx
     from .planner import file_plan
@@ -209,4 +210,6 @@ def open_engine(path: str | Path, ctx: int | None = None, force: bool = False, v
                 break
         if not plan.fits and not force:
             raise InputError(f"{Path(path).name} at {ctx} tokens of context: {plan.advice} (--force loads it anyway)")
-    return LlamaCppEngine(path, n_ctx=ctx, verbose=verbose, plan=plan, n_gpu_layers=gpu_layers, repack=repack)
+    if repack is not None:
+        plan.repack = repack
+    return LlamaCppEngine(path, n_ctx=ctx, verbose=verbose, plan=plan, n_gpu_layers=gpu_layers, repack=plan.repack)

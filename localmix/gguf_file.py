@@ -64,6 +64,9 @@ class GGUFFileWriter:
             raise OutputError(f"cannot write {self.path}: {e.strerror} (is {parent} writable?)") from None
         os.close(fd)
         self._tmp = Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
         return self
 
     def begin_data(self) -> None:

@@ -9,6 +9,11 @@
    `--n-cpu-moe N`: expert tensors of layers 0..N-1 go to the CPU buffer type.
 3. With no GPU, everything stays on the CPU, mapped.
 A plan also says when it does not fit and what would: a smaller context, a smaller quant.
+
+Weights on the CPU stay in the memory map unless there is room to `repack` them: llama.cpp
+can copy some types (Q4_0, Q4_K, ...) into layouts interleaved for its SIMD kernels, which
+is faster but turns those weights into anonymous memory, read in full at load. The plan
+repacks only when the file's pages and such a copy of every CPU weight both fit in RAM.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class Plan:
     ram_budget: int | None
     n_gpu_layers: int                 # llama.cpp's n_gpu_layers (n_layer + 1 = all, output too)
     cpu_expert_layers: list[int] = field(default_factory=list)
+    repack: bool = False              # llama.cpp's use_extra_bufts for the CPU weights
     fits: bool = True
     advice: str | None = None
 
@@ -90,7 +96,8 @@ def plan(tensors: list[tuple[str, int]], dims: ModelDims, n_ctx: int, gpu_budget
 
     if gpu_budget is None:  # CPU only: all mapped from the file
         need = weights + kv + compute
-        p = Plan("cpu", n_ctx, weights, kv, compute, 0, weights, None, ram_budget, 0)
+        p = Plan("cpu", n_ctx, weights, kv, compute, 0, weights, None, ram_budget, 0,
+                 repack=ram_budget is not None and need + weights <= ram_budget)
         if ram_budget is not None and need > ram_budget:
             p.fits = False
             p.advice = (f"needs {need / GiB:.1f} GiB of RAM for full speed, {ram_budget / GiB:.1f} GiB available: "
@@ -120,7 +127,7 @@ def plan(tensors: list[tuple[str, int]], dims: ModelDims, n_ctx: int, gpu_budget
     on_cpu = sorted(experts)[:n_cpu_moe]
     cpu = sum(experts[i] for i in on_cpu)
     p = Plan(device, n_ctx, weights, kv, compute, weights - cpu + kv + compute + HEADROOM, cpu, gpu_budget,
-             ram_budget, dims.n_layer + 1, on_cpu)
+             ram_budget, dims.n_layer + 1, on_cpu, repack=ram_budget is not None and 2 * cpu <= ram_budget)
     if p.gpu_bytes > gpu_budget:
         p.fits = False
         p.advice = (f"with the experts of {n_cpu_moe} layers on the CPU the GPU needs {p.gpu_bytes / GiB:.1f} GiB: "
@@ -162,19 +169,19 @@ def placement_line(p: Plan) -> str:
 
     sizes = f"weights {h(p.weights_bytes)}, KV cache {h(p.kv_bytes)}, compute ~{h(p.compute_bytes)}"
     if p.device == "cpu":
-        return f"{sizes}; all on the CPU, weights memory-mapped"
+        return f"{sizes}; all on the CPU, weights " + ("repacked" if p.repack else "memory-mapped")
     where = "Metal" if p.device == "metal" else "the GPU"
     if not p.cpu_expert_layers:
         return f"{sizes}; all on {where} ({h(p.gpu_bytes)} of {h(p.gpu_budget)})"
     layers = p.cpu_expert_layers
     return (f"{sizes}; {h(p.gpu_bytes)} on {where} (of {h(p.gpu_budget)}), experts of layers "
-            f"{layers[0]}-{layers[-1]} ({h(p.cpu_bytes)}) on the CPU, memory-mapped")
+            f"{layers[0]}-{layers[-1]} ({h(p.cpu_bytes)}) on the CPU, " + ("repacked" if p.repack else "memory-mapped"))
 
 
 def describe(p: Plan) -> dict:
     """The plan as plain data (`localmix plan --json`)."""
     return {"device": p.device, "n_ctx": p.n_ctx, "fits": p.fits, "advice": p.advice,
-            "n_gpu_layers": p.n_gpu_layers, "cpu_expert_layers": p.cpu_expert_layers,
+            "n_gpu_layers": p.n_gpu_layers, "cpu_expert_layers": p.cpu_expert_layers, "repack": p.repack,
             "tensor_overrides": [{"pattern": pat, "buffer_type": buft} for pat, buft in p.overrides],
             "bytes": {"weights": p.weights_bytes, "kv_cache": p.kv_bytes, "compute": p.compute_bytes,
                       "gpu_total": p.gpu_bytes, "cpu_weights": p.cpu_bytes, "gpu_budget": p.gpu_budget,

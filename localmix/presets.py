@@ -45,7 +45,11 @@ def preset_config(name: str) -> ModelConfig:
 
 
 def preset_tensors(name: str, file_type: str) -> list[PresetTensor]:
-    cfg = preset_config(name)
+    return config_tensors(preset_config(name), file_type)
+
+
+def config_tensors(cfg: ModelConfig, file_type: str) -> list[PresetTensor]:
+    """The GGUF tensor table of the model `cfg` at `file_type`, in the converter's order."""
     shapes = expected_shapes(cfg)
     if file_type in CONVERTER_TYPES:
         from .convert import tensor_type

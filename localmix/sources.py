@@ -50,36 +50,41 @@ class HFSource:
                                 cfg.num_local_experts if cfg.is_moe else 0)
 
     def add_metadata(self, h: gguf.GGUFWriter, file_type: gguf.LlamaFileType) -> None:
-        """general.*, llama.* and tokenizer.* keys, as llama.cpp's converter writes them."""
-        cfg, src = self.config, self.path
-        total, shared, expert, n_expert = h.get_total_parameter_count()
-        meta = gguf.Metadata.load(None, src, None, total)  # model card (README.md) fields, if any
-        if meta.name is None:
-            meta.name = src.resolve().name
-        if meta.size_label is None and total > 0:
-            meta.size_label = gguf.size_label(total, shared, expert, n_expert)
-        h.add_type(gguf.GGUFType.MODEL)
-        meta.set_gguf_meta_model(h)
+        add_model_metadata(h, self.config, self.path, file_type)
 
-        h.add_block_count(cfg.num_hidden_layers)
-        h.add_context_length(cfg.max_position_embeddings)
-        h.add_embedding_length(cfg.hidden_size)
-        h.add_feed_forward_length(cfg.intermediate_size)
-        h.add_head_count(cfg.num_attention_heads)
-        h.add_head_count_kv(cfg.num_key_value_heads)
-        h.add_rope_freq_base(cfg.rope_theta)
-        h.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        if cfg.is_moe:
-            h.add_expert_count(cfg.num_local_experts)
-            h.add_expert_used_count(cfg.num_experts_per_tok)
-        if cfg.explicit_head_dim is not None:
-            h.add_key_length(cfg.head_dim)
-            h.add_value_length(cfg.head_dim)
-        h.add_file_type(file_type)
-        h.add_vocab_size(cfg.vocab_size)
-        h.add_rope_dimension_count(cfg.head_dim)
-        h.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_tokenizer(h, src, cfg.vocab_size)
+
+def add_model_metadata(h: gguf.GGUFWriter, cfg: ModelConfig, src: Path, file_type: gguf.LlamaFileType,
+                       name: str | None = None) -> None:
+    """general.*, llama.* and tokenizer.* keys, as llama.cpp's converter writes them, for the
+    model `cfg` whose tokenizer files (and model card, if any) are in the folder `src`."""
+    total, shared, expert, n_expert = h.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, src, None, total)  # model card (README.md) fields, if any
+    if meta.name is None:
+        meta.name = name or src.resolve().name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, n_expert)
+    h.add_type(gguf.GGUFType.MODEL)
+    meta.set_gguf_meta_model(h)
+
+    h.add_block_count(cfg.num_hidden_layers)
+    h.add_context_length(cfg.max_position_embeddings)
+    h.add_embedding_length(cfg.hidden_size)
+    h.add_feed_forward_length(cfg.intermediate_size)
+    h.add_head_count(cfg.num_attention_heads)
+    h.add_head_count_kv(cfg.num_key_value_heads)
+    h.add_rope_freq_base(cfg.rope_theta)
+    h.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if cfg.is_moe:
+        h.add_expert_count(cfg.num_local_experts)
+        h.add_expert_used_count(cfg.num_experts_per_tok)
+    if cfg.explicit_head_dim is not None:
+        h.add_key_length(cfg.head_dim)
+        h.add_value_length(cfg.head_dim)
+    h.add_file_type(file_type)
+    h.add_vocab_size(cfg.vocab_size)
+    h.add_rope_dimension_count(cfg.head_dim)
+    h.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_tokenizer(h, src, cfg.vocab_size)
 
 
 class GGUFSource:

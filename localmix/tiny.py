@@ -207,6 +207,11 @@ def make_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None, **ov
     (out / "generation_config.json").write_text(
         json.dumps({"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2,
                     "transformers_version": "4.36.0.dev0"}, indent=2) + "\n")
+    write_tokenizer_files(out)
+    return out
+
+
+def write_tokenizer_files(out: Path) -> None:
+    """Mixtral's tokenizer.model and the Instruct tokenizer_config.json (chat template) in `out`."""
     (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2) + "\n")
     shutil.copyfile(tokenizer_model_path(), out / "tokenizer.model")
-    return out
