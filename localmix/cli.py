@@ -259,6 +259,28 @@ def plan(
     Console(highlight=False).print(t)
 
 
+@app.command()
+def synth(
+    preset: str = typer.Option(..., "--preset", help="mixtral-8x7b, mixtral-8x22b or mistral-7b."),
+    type_: str = typer.Option("Q4_K_M", "--type", "-t", help=f"File type: {', '.join(FILE_TYPES)}."),
+    out: Path = typer.Option(..., "--output", "-o", help="The GGUF file to write."),
+    layers: int = typer.Option(None, "--layers", min=1, help="Only the first N layers (full widths, a mid-size model)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite the output if it exists."),
+):
+    """Write a synthetic model: real shapes, tokenizer and metadata, random quantized weights.
+
+    For measuring memory and speed at full size without downloading the real weights; it
+    generates noise. The file has the size llama.cpp's file of the same model and type has."""
+    from .info import human_bytes
+    from .progress import ConvertProgress
+    from .synth import synth as write_synth
+
+    with ConvertProgress(err) as progress:
+        r = write_synth(preset, type_.upper(), out, seed=seed, n_layers=layers, force=force, progress=progress)
+    err.print(f"wrote {r.path} ({r.file_type}, {r.n_tensors} tensors, {human_bytes(r.n_bytes)}, random weights)")
+
+
 def _stdout_writer():
     def write(piece: str) -> None:
         sys.stdout.write(piece)

@@ -19,13 +19,15 @@ from .tensor_names import expected_shapes
 PRESETS = {
     "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], hidden_size=4096, intermediate_size=14336,
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
-                         num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6, max_position_embeddings=32768),
+                         num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6, max_position_embeddings=32768,
+                         bos_token_id=1, eos_token_id=2),
     "mixtral-8x22b": dict(architectures=["MixtralForCausalLM"], hidden_size=6144, intermediate_size=16384,
                           num_hidden_layers=56, num_attention_heads=48, num_key_value_heads=8, vocab_size=32768,
-                          num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6, max_position_embeddings=65536),
+                          num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6, max_position_embeddings=65536,
+                          bos_token_id=1, eos_token_id=2),
     "mistral-7b": dict(architectures=["MistralForCausalLM"], hidden_size=4096, intermediate_size=14336,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
-                       rope_theta=1e6, max_position_embeddings=32768),
+                       rope_theta=1e6, max_position_embeddings=32768, bos_token_id=1, eos_token_id=2),
 }
 
 
