@@ -230,7 +230,7 @@ def _stats(session: ChatSession, ui: UI, arg):
         return
     from .chat import stats_line
 
-    tps = st.generated / st.generate_seconds if st.generate_seconds else 0.0
+    tps = max(st.generated - st.replies, 0) / st.generate_seconds if st.generate_seconds else 0.0  # after each first token
     ptps = st.prompt_evaluated / st.prompt_seconds if st.prompt_seconds else 0.0
     used = session.context_used()
     ui.print("\n".join([

@@ -51,8 +51,8 @@ class Done:
     prompt_tokens: int          # the whole prompt
     prompt_evaluated: int       # of which evaluated now (the rest came from the KV cache)
     generated_tokens: int
-    prompt_seconds: float
-    generate_seconds: float
+    prompt_seconds: float       # until the first reply token: prompt evaluation and one sampling step
+    generate_seconds: float     # from the first reply token to the end: the other generated_tokens - 1
     text: str = ""              # the whole reply
 
     @property
@@ -61,7 +61,8 @@ class Done:
 
     @property
     def generate_tps(self) -> float:
-        return self.generated_tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
+        """Decode speed: the tokens after the first over the time they took."""
+        return (self.generated_tokens - 1) / self.generate_seconds if self.generate_seconds > 0 and self.generated_tokens > 1 else 0.0
 
 
 class ContextOverflow(InputError):

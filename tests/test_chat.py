@@ -265,8 +265,8 @@ def test_show_and_stats():
 
 
 def test_stats_line():
-    line = stats_line(Done("length", 120, 20, 64, 0.5, 2.0, "x"))
-    assert line == ("prompt 120 tokens (20 new, 40 t/s), reply 64 tokens (32.0 t/s), first token in 0.50 s, "
+    line = stats_line(Done("length", 120, 20, 65, 0.5, 2.0, "x"))
+    assert line == ("prompt 120 tokens (20 new, 40 t/s), reply 65 tokens (32.0 t/s), first token in 0.50 s, "
                     "stopped: max_tokens")
     assert "all cached" in stats_line(Done("eos", 10, 0, 1, 0.0, 0.1))
 
