@@ -1,0 +1,82 @@
+"""Products of activations with GGML tensors, read straight from the tensor's bytes.
+
+`matmul(x, w, qtype)`: x is float32 (T, K); w is a tensor's rows as stored in the GGUF, a
+(N, row_nbytes(qtype, K)) uint8 view of the memory map for quantized types (read-only is
+fine, and so is w[e] of a stacked (E, N, row_nbytes) expert tensor), or for the float types
+what gguf.GGUFReader gives: float32 (N, K), float16 (N, K), BF16 as its raw bytes, uint8
+(N, 2K) (uint16 (N, K) works too); the result is float32 (T, N), x @ W.T.
+
+The quantized types run the integer kernels of dot.py (activations quantized to Q8_K or
+Q8_0 first, as llama.cpp does: that costs a little accuracy, see tests/test_matmul.py); one
+kernel serves decode (T = 1: rows shared among the threads) and prefill (each weight block
+unpacked once for all T rows). For the legacy types, whose kernel is still slow (see the
+benchmark), from PREFILL_BLAS_T activation rows on, dequantize + numpy BLAS is faster.
+
+`matmul_ref` is the plain reference: dequantize the rows, multiply in float32;
+`dot_ref.matmul` is the plain reading of the integer kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QType
+from gguf import quants
+
+from . import dot
+
+FLOAT_TILE = 1024  # rows of a float16/BF16 tensor converted to float32 at a time
+PREFILL_BLAS_T = 24  # legacy types: T from which dequantize + BLAS wins (bench_kernels.py, 2 threads)
+
+
+def dequantize_rows(w: np.ndarray, qtype: QType) -> np.ndarray:
+    """The rows of `w` as float32 (N, K)."""
+    if qtype == QType.F32:
+        return np.asarray(w, dtype=np.float32)
+    if qtype == QType.BF16:
+        return _bf16(w)
+    return np.asarray(quants.dequantize(np.asarray(w), qtype), dtype=np.float32)
+
+
+def matmul_ref(x: np.ndarray, w: np.ndarray, qtype: QType) -> np.ndarray:
+    """x @ W.T with W dequantized first: the plain reading."""
+    x = np.asarray(x, dtype=np.float32)
+    return x @ dequantize_rows(w, qtype).T
+
+
+def matmul(x: np.ndarray, w: np.ndarray, qtype: QType) -> np.ndarray:
+    """x @ W.T from the stored bytes: float32 (T, N)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    assert x.ndim == 2, f"activations of shape {x.shape}, not (T, K)"
+    if qtype == QType.F32:
+        return x @ np.asarray(w, dtype=np.float32).T
+    if qtype in (QType.F16, QType.BF16):
+        convert = _bf16 if qtype == QType.BF16 else (lambda rows: rows.astype(np.float32))
+        out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+        for r in range(0, w.shape[0], FLOAT_TILE):
+            out[:, r:r + FLOAT_TILE] = x @ convert(w[r:r + FLOAT_TILE]).T
+        return out
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    n, k = w.shape[0], x.shape[1]
+    w = np.asarray(w)  # a np.memmap is an ndarray for numba: same bytes, no copy
+    assert w.dtype == np.uint8 and w.ndim == 2 and w.shape[1] == k // block * nbytes and k % block == 0, (
+        f"{qtype.name} rows of shape {w.shape} {w.dtype} for activations of width {k}")
+    if qtype in dot.LEGACY and x.shape[0] >= PREFILL_BLAS_T:
+        return matmul_ref(x, w, qtype)
+    w = np.ascontiguousarray(w).reshape(n, k // block, nbytes)  # the blocks; no copy for rows as stored
+    out = np.empty((x.shape[0], n), dtype=np.float32)
+    if qtype in dot.KQUANTS:
+        xq, xd, xs = dot.quantize_activations(x, dot.QK_K, 16)
+        dot.kquant_matmul(int(qtype), w, xq, xd, xs, out)
+    elif qtype in dot.LEGACY:
+        xq, xd, xs = dot.quantize_activations(x, dot.QK, dot.QK)
+        dot.legacy_matmul(int(qtype), w, xq, xd, xs, out)
+    else:
+        return matmul_ref(x, w, qtype)
+    return out
+
+
+def _bf16(w: np.ndarray) -> np.ndarray:
+    """BF16 rows, as uint8 (N, 2K) raw bytes or uint16 (N, K) -> float32 (N, K)."""
+    bits = np.ascontiguousarray(w).view(np.uint16)
+    return (bits.astype(np.uint32) << 16).view(np.float32)
