@@ -77,6 +77,7 @@ RAM = typer.Option(None, "--ram", help="Plan for this much RAM [default: what is
 N_CPU_MOE = typer.Option(None, "--n-cpu-moe", min=0, help="Keep the experts of the first N layers on the CPU "
                          "[default: as few as the GPU needs].")
 GPU_LAYERS = typer.Option(None, "--gpu-layers", "-ngl", min=0, help="llama.cpp's n_gpu_layers [default: the plan's].")
+ENGINE = typer.Option("llama.cpp", "--engine", help="llama.cpp, or native: localmix's own numpy forward (CPU).")
 REPACK = typer.Option(None, "--repack/--no-repack", help="Let llama.cpp copy CPU weights into its repacked layouts: "
                       "faster products, but read in full at load and resident instead of mapped "
                       "[default: when RAM holds the file and the copy].")
@@ -94,7 +95,7 @@ def run(
     ctx: int = CTX,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token counts, timings, finish reason."),
     force: bool = FORCE_LOAD, vram: str = VRAM, ram: str = RAM, n_cpu_moe: int = N_CPU_MOE, gpu_layers: int = GPU_LAYERS,
-    repack: bool | None = REPACK,
+    repack: bool | None = REPACK, engine: str = ENGINE,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log and a stats line on stderr."),
 ):
     """Answer one prompt and exit: only the reply goes to stdout, ready for a pipe."""
@@ -106,12 +107,12 @@ def run(
     text = read_prompt(prompt or [], sys.stdin)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                         seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()))
-    engine = open_engine(path, ctx=ctx, force=force, verbose=verbose, vram=vram, ram=ram, n_cpu_moe=n_cpu_moe,
-                         gpu_layers=gpu_layers, repack=repack)
+    llm = open_engine(path, ctx=ctx, force=force, verbose=verbose, vram=vram, ram=ram, n_cpu_moe=n_cpu_moe,
+                      gpu_layers=gpu_layers, repack=repack, engine=engine)
     if verbose:
-        err.print(f"placement: {placement_line(engine.plan)}", style="dim")
+        err.print(f"placement: {placement_line(llm.plan)}", style="dim")
     write = (lambda piece: None) if as_json else _stdout_writer()
-    done = ask(engine, text, system, sampling, write)
+    done = ask(llm, text, system, sampling, write)
     if as_json:
         print(json.dumps({"text": done.text, "finish_reason": done.reason, "prompt_tokens": done.prompt_tokens,
                           "completion_tokens": done.generated_tokens, "prompt_seconds": round(done.prompt_seconds, 4),
@@ -137,7 +138,7 @@ def chat(
     raw: bool = typer.Option(False, "--raw", help="Stream plain text instead of rendering Markdown."),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
     force: bool = FORCE_LOAD, vram: str = VRAM, ram: str = RAM, n_cpu_moe: int = N_CPU_MOE, gpu_layers: int = GPU_LAYERS,
-    repack: bool | None = REPACK,
+    repack: bool | None = REPACK, engine: str = ENGINE,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log."),
 ):
     """Chat in the terminal: replies stream as Markdown, Ctrl-C stops one; /help lists the commands.
@@ -149,7 +150,7 @@ def chat(
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                         seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()))
     _chat(_model_path(model), ctx, sampling, system=system, raw=raw, history=not no_history, force=force,
-          verbose=verbose, vram=vram, ram=ram, n_cpu_moe=n_cpu_moe, gpu_layers=gpu_layers, repack=repack)
+          verbose=verbose, vram=vram, ram=ram, n_cpu_moe=n_cpu_moe, gpu_layers=gpu_layers, repack=repack, engine=engine)
 
 
 def _chat(model: Path, ctx: int | None, sampling, system: str | None = None, raw: bool = False, history: bool = True,
@@ -257,6 +258,50 @@ def plan(
               + ("; CPU weights repacked for speed" if p.repack and p.cpu_bytes else ""))
     t.add_row("verdict", "fits" if p.fits else f"[yellow]{p.advice}[/]")
     Console(highlight=False).print(t)
+
+
+@app.command()
+def experts(
+    model: str = typer.Argument(..., help="A Mixtral GGUF file, or a model pulled by name."),
+    prompt: list[str] = typer.Argument(None, help="The text; standard input, when piped, comes first."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: every token's experts and weights per layer, "
+                                 "counts per layer and expert, each expert's share of tokens."),
+):
+    """Which experts the router picks for each token, per layer: a heat map of expert use.
+
+    The text is tokenized as it is (BOS first, no chat template) and run through localmix's
+    native forward."""
+    from .experts import render, route_text
+    from .oneshot import read_prompt
+
+    routing = route_text(_model_path(model), read_prompt(prompt or [], sys.stdin))
+    if as_json:
+        print(json.dumps(routing.to_json(), ensure_ascii=False))
+    else:
+        Console(highlight=False).print(render(routing, title=f"{len(routing.tokens)} tokens"))
+
+
+@app.command()
+def imatrix(
+    model: str = typer.Argument(..., help="A GGUF file (F32, F16, BF16 or Q8_0 gives the best statistics)."),
+    text: Path = typer.Option(..., "--text", help="A text file to run through the model, e.g. a calibration set."),
+    out: Path = typer.Option(..., "--output", "-o", help="The imatrix GGUF to write."),
+    ctx: int = typer.Option(512, "--ctx", min=16, help="Tokens per chunk, as llama-imatrix's -c."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite the output if it exists."),
+):
+    """Compute an importance matrix, as llama.cpp's llama-imatrix does, for `quantize --imatrix`."""
+    from .importance import imatrix_from_text, write_imatrix
+
+    if not text.is_file():
+        from .errors import InputError
+        raise InputError(f"{text} not found")
+    if out.exists() and not force:
+        from .errors import InputError
+        raise InputError(f"{out} already exists; pass --force to overwrite it")
+    progress = (lambda done, total: err.print(f"chunk {done}/{total}", end="\r")) if err.is_terminal else None
+    data = imatrix_from_text(_model_path(model), text.read_text(encoding="utf-8", errors="replace"), ctx, progress)
+    write_imatrix(out, data, dataset=text.name, force=force)
+    err.print(f"wrote {out}: {len(data['sums'])} tensors, {data['chunk_count']} chunks of {ctx} tokens")
 
 
 @app.command()

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import InputError
 from .planner import Plan
@@ -110,6 +110,7 @@ class LlamaCppEngine:
         # buffer keeps the size asked for, so the smaller of the two is what we can use
         self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self.metadata = dict(self.llm.metadata)
+        self.vocab = self.llm  # tokenize(bytes, add_bos, special), detokenize, token_bos, token_eos
         self._lock = threading.Lock()
 
     def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
@@ -127,44 +128,52 @@ class LlamaCppEngine:
         cached = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens)
         if s.seed is not None:
             llm.set_seed(s.seed)
-        eos = llm.token_eos()
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = _StopFilter(tuple(s.stop))
-        text, n_generated, reason = [], 0, "length"
-        t0 = time.perf_counter()
-        t_first = None
         with self._lock:
             stream = llm.generate(tokens, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
                                   repeat_penalty=s.repeat_penalty, reset=True)
             try:
-                while n_generated < s.max_tokens:
-                    if cancel is not None and cancel.is_set():
-                        reason = "cancelled"
-                        break
-                    if len(tokens) + n_generated >= self.n_ctx:
-                        reason = "context"
-                        break
-                    token = next(stream)
-                    if t_first is None:
-                        t_first = time.perf_counter()
-                    if token == eos:
-                        reason = "eos"
-                        break
-                    n_generated += 1
-                    piece = decoder.decode(llm.detokenize([token]))
-                    if n_generated == 1:
-                        piece = piece.removeprefix(" ")  # the SentencePiece word-start of the reply
-                    shown, stopped = stops.feed(piece)
-                    text.append(shown)
-                    yield Piece(token, shown)
-                    if stopped:
-                        reason = "stop"
-                        break
+                yield from reply_events(stream, lambda t: llm.detokenize([t]), llm.token_eos(), len(tokens),
+                                        len(tokens) - cached, self.n_ctx, s, cancel)
             finally:
                 stream.close()
-        t_end = time.perf_counter()
-        t_first = t_first or t_end
-        yield Done(reason, len(tokens), len(tokens) - cached, n_generated, t_first - t0, t_end - t_first, "".join(text))
+
+
+def reply_events(stream: Iterator[int], token_bytes: Callable[[int], bytes], eos: int, n_prompt: int,
+                 n_evaluated: int, n_ctx: int, s: Sampling,
+                 cancel: threading.Event | None = None) -> Iterator[Piece | Done]:
+    """Turn `stream`, the sampled tokens (its first `next` evaluates the prompt), into events.
+    `n_evaluated` is how many prompt tokens are evaluated now (the rest are in the cache)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stops = _StopFilter(tuple(s.stop))
+    text, n_generated, reason = [], 0, "length"
+    t0 = time.perf_counter()
+    t_first = None
+    while n_generated < s.max_tokens:
+        if cancel is not None and cancel.is_set():
+            reason = "cancelled"
+            break
+        if n_prompt + n_generated >= n_ctx:
+            reason = "context"
+            break
+        token = next(stream)
+        if t_first is None:
+            t_first = time.perf_counter()
+        if token == eos:
+            reason = "eos"
+            break
+        n_generated += 1
+        piece = decoder.decode(token_bytes(token))
+        if n_generated == 1:
+            piece = piece.removeprefix(" ")  # the SentencePiece word-start of the reply
+        shown, stopped = stops.feed(piece)
+        text.append(shown)
+        yield Piece(token, shown)
+        if stopped:
+            reason = "stop"
+            break
+    t_end = time.perf_counter()
+    t_first = t_first or t_end
+    yield Done(reason, n_prompt, n_evaluated, n_generated, t_first - t0, t_end - t_first, "".join(text))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -178,7 +187,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def open_engine(path: str | Path, ctx: int | None = None, force: bool = False, verbose: bool = False,
                 vram: str | None = None, ram: str | None = None, n_cpu_moe: int | None = None,
-                gpu_layers: int | None = None, repack: bool | None = None) -> LlamaCppEngine:
+                gpu_layers: int | None = None, repack: bool | None = None, engine: str = "llama.cpp"):
     """Check the file, choose the context, plan where the tensors go, check it fits, and load it.
 
     On the CPU the default context is the model's own, capped by what RAM allows (in steps of
@@ -187,21 +196,32 @@ def open_engine(path: str | Path, ctx: int | None = None, force: bool = False, v
     and the KV cache on it and as many layers' experts as fit; the default context is the
     largest of the model's own, 16K, 8K, 4K and 2K whose plan fits. `n_cpu_moe` and
     `gpu_layers` overrule the planner, as llama.cpp's flags of those names do; `repack` too
-    (None: the plan's choice)."""
+    (None: the plan's choice). `engine="native"` runs localmix's own forward (native.py) on
+    the CPU, its KV cache float32."""
     from .devices import machine
     from .gguf_check import check_fits, check_gguf, estimate_memory, largest_fitting_ctx
     from .planner import file_plan
 
+    if engine not in ("llama.cpp", "native"):
+        raise InputError(f"unknown engine {engine!r}; choose llama.cpp or native")
     summary = check_gguf(path)
-    device, gpu_budget, ram_budget = machine(vram, ram)
+    device, gpu_budget, ram_budget = machine(vram, ram) if engine == "llama.cpp" else ("cpu", None, machine(None, ram)[2])
     if device == "cpu":
+        kv_bytes = 4 if engine == "native" else 2
         if ctx is None:
             ctx = summary.context_length or 4096
-            fitting = largest_fitting_ctx(estimate_memory(summary, ctx), ram_budget)
-            if estimate_memory(summary, ctx).total_bytes > ram_budget and fitting:
+            fitting = largest_fitting_ctx(estimate_memory(summary, ctx, kv_bytes), ram_budget)
+            if estimate_memory(summary, ctx, kv_bytes).total_bytes > ram_budget and fitting:
                 ctx = fitting
-        check_fits(estimate_memory(summary, ctx), ram_budget, force)
+        check_fits(estimate_memory(summary, ctx, kv_bytes), ram_budget, force)
         plan = file_plan(path, ctx, None, ram_budget)
+        if engine == "native":
+            from .native import NativeEngine
+
+            native = NativeEngine(path, n_ctx=ctx, verbose=verbose)
+            native.plan = plan
+            plan.repack = False
+            return native
     else:
         own = summary.context_length or 4096
         tries = [ctx] if ctx else [own] + [c for c in (16384, 8192, 4096, 2048) if c < own]

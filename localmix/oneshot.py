@@ -31,8 +31,8 @@ def read_prompt(words: list[str], stdin: TextIO | None) -> str:
 
 def conversation_tokens(engine: LlamaCppEngine, messages: list[dict]) -> list[int]:
     """The prompt tokens of a conversation, through the model's own chat template."""
-    llm = engine.llm
-    return render_tokens(messages, template_from_metadata(engine.metadata), llm.tokenize, llm.token_bos(), llm.token_eos())
+    v = engine.vocab
+    return render_tokens(messages, template_from_metadata(engine.metadata), v.tokenize, v.token_bos(), v.token_eos())
 
 
 def ask(engine: LlamaCppEngine, prompt: str, system: str | None, sampling: Sampling,

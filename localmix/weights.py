@@ -1,0 +1,159 @@
+"""A GGUF's weights as views of its memory map, and the hyperparameters the forward needs.
+
+`load_weights(path)` checks the file (`gguf_check`), maps it (`gguf.GGUFReader`) and hands
+each tensor out as a `Tensor`: a numpy view of the mapped bytes, never a copy, with its GGML
+type and logical shape. What a view holds is what `kernels.matmul.matmul` takes:
+    F32 / F16    float32 / float16 (rows, cols)
+    BF16         uint16 bit patterns (rows, cols)
+    quantized    uint8 (rows, row_bytes), the blocks of each row as stored
+Stacked expert tensors `blk.N.ffn_{gate,up,down}_exps.weight` have one more leading axis,
+(E, rows, ...), so `t.data[e]` is a view of expert e and touches only its pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+
+from .errors import InputError
+from .gguf_check import _Reader, check_gguf
+from .info import field_value
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    data: np.ndarray          # a view of the memory map (see the module docstring)
+    qtype: QType
+    shape: tuple[int, ...]    # logical, numpy order: (rows, cols) or (E, rows, cols)
+
+
+@dataclass(frozen=True)
+class HParams:
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_rot: int                # RoPE dimensions (llama.rope.dimension_count)
+    rope_base: float
+    norm_eps: float
+    n_expert: int             # 0: a dense model
+    n_expert_used: int
+    n_vocab: int
+    context_length: int
+
+
+@dataclass
+class Layer:
+    attn_norm: Tensor
+    attn_q: Tensor
+    attn_k: Tensor
+    attn_v: Tensor
+    attn_output: Tensor
+    ffn_norm: Tensor
+    # Mixtral: the router and the stacked experts; Mistral: one SwiGLU MLP
+    ffn_gate_inp: Tensor | None = None
+    ffn_gate_exps: Tensor | None = None
+    ffn_up_exps: Tensor | None = None
+    ffn_down_exps: Tensor | None = None
+    ffn_gate: Tensor | None = None
+    ffn_up: Tensor | None = None
+    ffn_down: Tensor | None = None
+
+
+_REQUIRED = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm"}
+
+
+@dataclass
+class Weights:
+    hp: HParams
+    token_embd: Tensor
+    layers: list[Layer]
+    output_norm: Tensor
+    output: Tensor
+    reader: object = field(repr=False, default=None)  # keeps the mapping alive as long as the views
+
+    def tensors(self):
+        """Every weight, in file order of layers."""
+        yield self.token_embd
+        for layer in self.layers:
+            yield from (t for t in vars(layer).values() if t is not None)
+        yield self.output_norm
+        yield self.output
+
+
+def _view(t) -> Tensor:
+    """The reader's tensor as a `Tensor`: BF16's bytes seen as uint16, everything else as read."""
+    qtype = QType(t.tensor_type)
+    shape = tuple(int(n) for n in reversed(t.shape))
+    data = t.data
+    if qtype == QType.BF16:
+        data = data.view(np.uint16)
+    if len(shape) == 1:
+        data = data.reshape(shape)
+    return Tensor(t.name, data, qtype, shape)
+
+
+def hparams(path: Path, reader) -> HParams:
+    """The hyperparameters, from the `llama.*` metadata as `gguf_check` reads them."""
+    s = check_gguf(path)
+    if s.architecture != "llama":
+        raise InputError(f"{path} is a {s.architecture!r} model; the native engine runs llama-architecture "
+                         "models (Mistral, Mixtral)")
+
+    def kv(key, default=None):
+        return field_value(reader, f"llama.{key}", default)
+
+    return HParams(
+        n_layer=s.n_layer, n_embd=s.n_embd, n_ff=s.n_ff, n_head=s.n_head, n_head_kv=s.n_head_kv,
+        head_dim=s.head_dim, n_rot=int(kv("rope.dimension_count", s.head_dim)),
+        rope_base=float(kv("rope.freq_base", 10000.0)),
+        norm_eps=float(kv("attention.layer_norm_rms_epsilon", 1e-5)),
+        n_expert=s.n_expert, n_expert_used=s.n_expert_used, n_vocab=s.n_vocab,
+        context_length=s.context_length or 4096)
+
+
+def load_weights(path: str | Path) -> Weights:
+    """Map the GGUF at `path`; every tensor is a view of the mapping."""
+    path = Path(path)
+    reader = _Reader(path)  # gguf_check's GGUFReader: bounds-checked and faster on large vocabularies
+    hp = hparams(path, reader)
+    by_name = {t.name: _view(t) for t in reader.tensors}
+
+    def take(name: str, required: bool = True) -> Tensor | None:
+        if name not in by_name:
+            if required:
+                raise InputError(f"{path} has no tensor {name}: is it a Mistral/Mixtral GGUF?")
+            return None
+        return by_name[name]
+
+    layers = []
+    for i in range(hp.n_layer):
+        layer = Layer(**{f: take(f"blk.{i}.{f}.weight", required=f in _REQUIRED) for f in Layer.__dataclass_fields__})
+        moe = (layer.ffn_gate_inp, layer.ffn_gate_exps, layer.ffn_up_exps, layer.ffn_down_exps)
+        dense = (layer.ffn_gate, layer.ffn_up, layer.ffn_down)
+        if not (all(t is not None for t in moe) if hp.n_expert else all(t is not None for t in dense)):
+            raise InputError(f"{path}: layer {i} lacks its {'experts' if hp.n_expert else 'feed-forward'} tensors")
+        layers.append(layer)
+    # tied embeddings: llama.cpp reads the head from token_embd when there is no output.weight
+    output = take("output.weight", required=False) or by_name["token_embd.weight"]
+    return Weights(hp, take("token_embd.weight"), layers, take("output_norm.weight"), output, reader)
+
+
+def vocabulary(path: str | Path):
+    """llama.cpp's reading of the file's tokenizer, without weights or a context: an object with
+    tokenize(bytes, add_bos, special), detokenize(tokens), token_bos(), token_eos(), as `Llama`'s."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaModel
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    try:
+        return LlamaModel(path_model=str(path), params=params, verbose=False)
+    except ValueError as e:
+        raise InputError(f"llama.cpp could not read the vocabulary of {path}: {e}") from None
