@@ -59,3 +59,21 @@ def load_llama(path: Path, n_ctx: int = 1024, **kwargs):
     kwargs.setdefault("type_v", GGML_TYPE_F32)
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=THREADS, verbose=False,
                  logits_all=True, seed=0, **kwargs)
+
+
+def llama_logprobs(path: Path, ids: list[int]):
+    """llama.cpp's log-probabilities (float64) at every position of `ids`."""
+    import numpy as np
+
+    llm = load_llama(path, n_ctx=1024)
+    llm.eval(ids)
+    x = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    x -= x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def mean_kl(ref, q) -> float:
+    """Mean KL divergence KL(ref || q) over positions, from log-probabilities."""
+    import numpy as np
+
+    return float((np.exp(ref) * (ref - q)).sum(-1).mean())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from conftest import load_llama
+from conftest import llama_logprobs, mean_kl
 from llama_quantize import llama_model_quantize
 from localmix.convert import convert
 from localmix.imatrix import load_imatrix, save_imatrix
@@ -82,20 +82,13 @@ def test_quality_is_ordered_by_bits(converted, tiny_mixtral, tmp_path):
     ids = [1] + sp.encode(text)[:599]
     assert len(ids) >= 512
 
-    def logprobs(path):
-        llm = load_llama(path, n_ctx=1024)
-        llm.eval(ids)
-        x = np.array(llm.scores[: len(ids)], dtype=np.float64)
-        x -= x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-    ref = logprobs(converted("mixtral", "F32"))
+    ref = llama_logprobs(converted("mixtral", "F32"), ids)
     kl = {}
     for file_type in ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "Q6_K", "Q8_0"]:
         path = converted("mixtral", file_type) if file_type == "Q8_0" else \
             convert(tiny_mixtral, tmp_path / f"{file_type}.gguf", file_type).path
-        q = logprobs(path)
-        kl[file_type] = float((np.exp(ref) * (ref - q)).sum(-1).mean())
+        q = llama_logprobs(path, ids)
+        kl[file_type] = mean_kl(ref, q)
     print("\nmean KL vs F32 over", len(ids), "positions:", {k: f"{v:.4g}" for k, v in kl.items()})
     values = list(kl.values())
     assert values == sorted(values, reverse=True), kl
