@@ -2,7 +2,8 @@
 
 Writes synthetic Mixtral 8x7B files (`localmix synth`: real shapes and sizes, random
 weights) and runs each through localmix (its planner's placement: weights in the memory map)
-and through plain llama-cpp-python with its defaults (`Llama(model_path, n_ctx, n_threads)`:
+(and through localmix's native engine with `--engines native`) and through plain
+llama-cpp-python with its defaults (`Llama(model_path, n_ctx, n_threads)`:
 memory-mapped, but Q4_K and other types repacked into anonymous memory at load), in one run.
 Every measurement is a fresh process started with the file evicted from the page cache, so
 each engine loads cold, as after a reboot. The same prompt, greedy, `--tokens` tokens.
@@ -48,10 +49,11 @@ def evict(path: Path) -> None:
 
 def worker(path: str, engine: str, ctx: int, threads: int, tokens: int) -> dict:
     t0 = time.perf_counter()
-    if engine == "localmix":
+    if engine in ("localmix", "native"):
         from localmix.engine import Sampling, open_engine
 
-        e = open_engine(path, ctx=ctx, force=True)  # os.cpu_count() threads, as --threads defaults to
+        # os.cpu_count() threads, as --threads defaults to
+        e = open_engine(path, ctx=ctx, force=True, engine="llama.cpp" if engine == "localmix" else "native")
         load = time.perf_counter() - t0
         after_load = rss()
         prompt = [1] + e.tokenize(PROMPT)
@@ -108,7 +110,7 @@ def show(file_type: str, size: int, results: list[dict]) -> None:
               f"   {r['ttft_s']:14.2f} {r['decode_tps']:11.2f} {b['RssAnon']:7.2f} + {b['RssFile']:5.2f} = "
               f"{b['RssAnon'] + b['RssFile']:5.2f}")
     ok = {r["engine"]: r for r in results if "failed" not in r}
-    if len(ok) == 2:
+    if "localmix" in ok and "llama-cpp-python" in ok:
         ours, theirs = ok["localmix"], ok["llama-cpp-python"]
         print(f"ratio localmix / llama-cpp-python: load {theirs['load_s'] / ours['load_s']:.2f}x faster, "
               f"decode {ours['decode_tps'] / theirs['decode_tps']:.2f}x, first token "
@@ -128,7 +130,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--timeout", type=int, default=900, help="seconds a run may take before it counts as failed")
-    ap.add_argument("--engines", default="localmix,llama-cpp-python")
+    ap.add_argument("--engines", default="localmix,llama-cpp-python",
+                    help="of localmix (llama.cpp as localmix places it), llama-cpp-python (its defaults), native")
     ap.add_argument("--layers", type=int, default=None, help="only the first N layers (a quick check)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic files")
     args = ap.parse_args()
