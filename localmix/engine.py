@@ -198,29 +198,33 @@ def open_engine(path: str | Path, ctx: int | None = None, force: bool = False, v
     `gpu_layers` overrule the planner, as llama.cpp's flags of those names do; `repack` too
     (None: the plan's choice). `engine="native"` runs localmix's own forward (native.py) on
     the CPU, its KV cache float32."""
-    from .devices import machine
-    from .gguf_check import check_fits, check_gguf, estimate_memory, largest_fitting_ctx
+    from .devices import machine, parse_size
+    from .gguf_check import available_memory, check_fits, check_gguf, estimate_memory, largest_fitting_ctx
     from .planner import file_plan
 
     if engine not in ("llama.cpp", "native"):
         raise InputError(f"unknown engine {engine!r}; choose llama.cpp or native")
     summary = check_gguf(path)
-    device, gpu_budget, ram_budget = machine(vram, ram) if engine == "llama.cpp" else ("cpu", None, machine(None, ram)[2])
+    if engine == "native":  # CPU only: no GPU devices to ask about
+        device, gpu_budget, ram_budget = "cpu", None, parse_size(ram) if ram else available_memory()
+    else:
+        device, gpu_budget, ram_budget = machine(vram, ram)
     if device == "cpu":
         kv_bytes = 4 if engine == "native" else 2
-        if ctx is None:
-            ctx = summary.context_length or 4096
-            fitting = largest_fitting_ctx(estimate_memory(summary, ctx, kv_bytes), ram_budget)
-            if estimate_memory(summary, ctx, kv_bytes).total_bytes > ram_budget and fitting:
-                ctx = fitting
-        check_fits(estimate_memory(summary, ctx, kv_bytes), ram_budget, force)
+        estimate = estimate_memory(summary, ctx or summary.context_length or 4096, kv_bytes)
+        if ctx is None and estimate.total_bytes > ram_budget:
+            fitting = largest_fitting_ctx(estimate, ram_budget)
+            if fitting:
+                estimate = estimate_memory(summary, fitting, kv_bytes)
+        ctx = estimate.n_ctx
+        check_fits(estimate, ram_budget, force)
         plan = file_plan(path, ctx, None, ram_budget)
         if engine == "native":
             from .native import NativeEngine
 
+            plan.repack = False  # the native engine reads the weights where they are mapped
             native = NativeEngine(path, n_ctx=ctx, verbose=verbose)
             native.plan = plan
-            plan.repack = False
             return native
     else:
         own = summary.context_length or 4096
