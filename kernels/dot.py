@@ -23,7 +23,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
-from .common import nearest_int
+from .common import fp32_to_fp16, nearest_int
 from .kquants import Q2_D, Q2_DMIN, Q2_QS, Q2_SC, Q3_D, Q3_HM, Q3_QS, Q3_SC, Q4_D, Q4_DMIN, Q4_QS, Q4_SC, Q5_D
 from .kquants import Q5_DMIN, Q5_QH, Q5_QS, Q5_SC, Q6_D, Q6_QH, Q6_QL, Q6_SC
 from .legacy import Q4_0_D, Q4_0_QS, Q4_1_D, Q4_1_M, Q4_1_QS, Q5_0_D, Q5_0_QH, Q5_0_QS, Q5_1_D, Q5_1_M, Q5_1_QH
@@ -57,7 +57,10 @@ def _f16(w, at):
 def quantize_activations(x, block, span):
     """x float32 (T, K) -> (xq int16 (T, K) in [-127, 127], xd float32 (T, K // block),
     xs int32 (T, K // span)): x ~ xd * xq blockwise (Q8_K for block 256, Q8_0 for 32), xs the
-    sums of xq over spans (Q8_K's bsums for span 16; Q8_1's block sums for span 32)."""
+    sums of xq over spans (Q8_K's bsums for span 16; Q8_1's block sums for span 32). The
+    scales are ggml's to the bit (quantize_row_q8_K: 1 / (127 / amax) in float32;
+    quantize_row_q8_0: amax / 127 rounded to float16): a scale one ulp off is enough to flip a
+    rounding somewhere downstream and part a greedy continuation from llama.cpp's."""
     n_t, k = x.shape
     xq = np.zeros((n_t, k), dtype=np.int16)
     xd = np.zeros((n_t, k // block), dtype=np.float32)
@@ -69,7 +72,10 @@ def quantize_activations(x, block, span):
                 amax = max(amax, abs(x[t, i]))
             if amax > 0 and amax < np.inf:  # all-zero (or non-finite) blocks stay zero
                 iscale = F(127.0) / amax
-                xd[t, b] = amax / F(127.0)
+                if block == QK_K:  # Q8_K keeps 1 / iscale as a float
+                    xd[t, b] = F(1.0) / iscale
+                else:  # Q8_0 keeps amax / 127 as a half float
+                    xd[t, b] = FP16[fp32_to_fp16(amax / F(127.0))]
                 for i in range(b * block, (b + 1) * block):
                     xq[t, i] = nearest_int(x[t, i] * iscale)
         for i in range(k):

@@ -30,7 +30,10 @@ def quantize_activations(x: np.ndarray, block: int, span: int):
     ok = (amax > 0) & np.isfinite(amax)
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = np.where(ok, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
-        xd = np.where(ok, amax / np.float32(127.0), np.float32(0.0)).astype(np.float32)
+        if block == 256:  # Q8_K's float scale 1 / iscale; Q8_0's half-float amax / 127
+            xd = np.where(ok, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
+        else:
+            xd = np.where(ok, amax / np.float32(127.0), np.float32(0.0)).astype(np.float16).astype(np.float32)
         xq = np.where(ok[..., None], np.rint(xb * iscale[..., None]), 0).astype(np.int64)
     xq = xq.reshape(n_t, k)
     return xq, xd, xq.reshape(n_t, k // span, span).sum(axis=-1)

@@ -8,9 +8,11 @@ what gguf.GGUFReader gives: float32 (N, K), float16 (N, K), BF16 as its raw byte
 
 The quantized types run the integer kernels of dot.py (activations quantized to Q8_K or
 Q8_0 first, as llama.cpp does: that costs a little accuracy, see tests/test_matmul.py); one
-kernel serves decode (T = 1: rows shared among the threads) and prefill (each weight block
-unpacked once for all T rows). For the legacy types, whose kernel is still slow (see the
-benchmark), from PREFILL_BLAS_T activation rows on, dequantize + numpy BLAS is faster.
+kernel serves prefill (each weight block unpacked once for all T rows), decode.py's serve
+decode (T = 1, no unpacking: each sub-block's quants meet the activations straight from the
+bytes). For the legacy types, whose kernel is still slow (see the
+benchmark), from PREFILL_BLAS_T activation rows on, dequantize + numpy BLAS (on the
+quantized activations, so that the result does not depend on the batch size) is faster.
 
 `matmul_ref` is the plain reference: dequantize the rows, multiply in float32;
 `dot_ref.matmul` is the plain reading of the integer kernels.
@@ -23,7 +25,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
 from gguf import quants
 
-from . import dot
+from . import decode, dot
 
 FLOAT_TILE = 1024  # rows of a float16/BF16 tensor converted to float32 at a time
 PREFILL_BLAS_T = 24  # legacy types: T from which dequantize + BLAS wins (bench_kernels.py, 2 threads)
@@ -61,18 +63,19 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType) -> np.ndarray:
     w = np.asarray(w)  # a np.memmap is an ndarray for numba: same bytes, no copy
     assert w.dtype == np.uint8 and w.ndim == 2 and w.shape[1] == k // block * nbytes and k % block == 0, (
         f"{qtype.name} rows of shape {w.shape} {w.dtype} for activations of width {k}")
-    if qtype in dot.LEGACY and x.shape[0] >= PREFILL_BLAS_T:
-        return matmul_ref(x, w, qtype)
+    if qtype in dot.LEGACY and x.shape[0] >= PREFILL_BLAS_T:  # BLAS on the quantized activations
+        xq, xd, _ = dot.quantize_activations(x, dot.QK, dot.QK)
+        return matmul_ref((xq.reshape(x.shape[0], -1, dot.QK) * xd[..., None]).reshape(x.shape), w, qtype)
     w = np.ascontiguousarray(w).reshape(n, k // block, nbytes)  # the blocks; no copy for rows as stored
-    out = np.empty((x.shape[0], n), dtype=np.float32)
-    if qtype in dot.KQUANTS:
-        xq, xd, xs = dot.quantize_activations(x, dot.QK_K, 16)
-        dot.kquant_matmul(int(qtype), w, xq, xd, xs, out)
-    elif qtype in dot.LEGACY:
-        xq, xd, xs = dot.quantize_activations(x, dot.QK, dot.QK)
-        dot.legacy_matmul(int(qtype), w, xq, xd, xs, out)
-    else:
+    if qtype not in decode.TYPES:
         return matmul_ref(x, w, qtype)
+    kquant = qtype in dot.KQUANTS
+    xq, xd, xs = dot.quantize_activations(x, *((dot.QK_K, 16) if kquant else (dot.QK, dot.QK)))
+    out = np.empty((x.shape[0], n), dtype=np.float32)
+    if x.shape[0] == 1:
+        decode.matvec(int(qtype), w, xq[0], xd[0], xs[0], out[0])
+    else:
+        (dot.kquant_matmul if kquant else dot.legacy_matmul)(int(qtype), w, xq, xd, xs, out)
     return out
 
 

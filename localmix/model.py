@@ -67,8 +67,10 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 def rms_norm(x: np.ndarray, w: Tensor, eps: float) -> np.ndarray:
-    """(T, D) -> (T, D), each row scaled to unit root-mean-square, then by the weight."""
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * w.data
+    """(T, D) -> (T, D), each row scaled to unit root-mean-square, then by the weight. As ggml
+    computes it, to the bit: the squares summed in float64, then float32 scale = 1 / sqrt."""
+    mean = (np.square(x).astype(np.float64).sum(-1, keepdims=True) / x.shape[-1]).astype(np.float32)
+    return x * (np.float32(1.0) / np.sqrt(mean + np.float32(eps))) * w.data
 
 
 def rope(x: np.ndarray, pos: np.ndarray, hp: HParams) -> np.ndarray:

@@ -21,14 +21,18 @@ TEXT = ("[INST] Erkläre mir bitte, wie ein Mischmodell aus Experten funktionier
 PROMPT = "[INST] Erkläre mir bitte, wie ein Mischmodell aus Experten funktioniert. [/INST]"
 
 # max |native - llama.cpp| over all logits of TEXT (~70 positions x 32000), and the share of
-# positions whose top token agrees. F32: only summation order differs. Lower precisions:
-# llama.cpp rounds each product's input activations to the weight's vec_dot type (F16, BF16,
-# Q8_0 blocks for Q8_0, Q8_K blocks for K-quants) and we do not; a changed router choice then
-# moves a few logits a lot (the tiny model's random weights magnify everything), hence the
-# mean as well as the max.
+# positions whose top token agrees. Both quantize each product's input activations to the
+# weight's vec_dot type (Q8_0 blocks with a half-float scale, Q8_K blocks) to the bit, and
+# compute RMSNorm as ggml does; what is left is float32 summation order (the only difference at
+# F32), F16/BF16 activations that llama.cpp rounds and we do not, and what a last-bit
+# difference does downstream: it flips an activation's 8-bit rounding now and then, and the
+# tiny model's random weights magnify that (a 1-ulp change to one norm weight moves llama.cpp's
+# own Q8_0 logits by up to 0.24). Measured: F32 1.9e-5, F16 0.013, BF16 0.085, Q8_0 0.062
+# (mean 2.7e-4), Q6_K 0.20, Q4_K_M 0.18, Q3_K_M 0.22, Q2_K 0.23 (means <= 0.021); the bounds
+# leave room for another CPU's SIMD paths.
 TOLERANCE = {  # type: (max, mean)
-    "F32": (1e-4, 1e-5), "F16": (5e-2, 5e-3), "BF16": (0.5, 5e-2), "Q8_0": (3.0, 0.2),
-    "Q6_K": (3.0, 0.2), "Q4_K_M": (4.0, 0.3), "Q3_K_M": (6.0, 0.5), "Q2_K": (6.0, 0.5),
+    "F32": (1e-4, 1e-5), "F16": (5e-2, 5e-3), "BF16": (0.3, 0.03), "Q8_0": (0.3, 3e-3),
+    "Q6_K": (0.6, 0.01), "Q4_K_M": (0.6, 0.05), "Q3_K_M": (0.8, 0.04), "Q2_K": (0.8, 0.06),
 }
 CASES = [("mixtral", t) for t in TOLERANCE] + [("mistral", "F32"), ("mistral", "Q4_K_M")]
 
@@ -98,9 +102,7 @@ def native_greedy(path, ids, n):
     return out
 
 
-@pytest.mark.parametrize("file_type", ["F32", "F16", pytest.param("Q8_0", marks=pytest.mark.xfail(
-    strict=False, reason="with matmul's Q8_0 activation rounding the continuation parts from llama.cpp's at token 1 "
-                         "(llama.cpp's top-2 margin there 0.47); with matmul_ref (no rounding) it parted at token 60"))])
+@pytest.mark.parametrize("file_type", ["F32", "F16", "Q8_0"])
 def test_greedy_continuation_equals_llama_cpp(file_type, converted):
     path = converted("mixtral", file_type)
     llm = load_llama(path, n_ctx=256)
@@ -108,15 +110,8 @@ def test_greedy_continuation_equals_llama_cpp(file_type, converted):
     want, margins = llama_greedy(llm, ids, 64)
     got = native_greedy(path, ids, 64)
     assert len(set(want)) > 8  # a real continuation
-    if file_type == "Q8_0" and got != want:
-        # activations rounded differently from llama.cpp (matmul_ref does not round them; see
-        # TOLERANCE) may part the continuations, but only late and where llama.cpp itself
-        # nearly tied (measured with matmul_ref: at token 60)
-        first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
-        print(f"\nQ8_0: parts at token {first}, llama.cpp's top-2 margin there {margins[first]:.3g}")
-        assert first >= 32 and margins[first] < 0.25
-        return
-    assert got == want
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    assert first is None, f"parts from llama.cpp's at token {first}, where llama.cpp's top-2 margin is {margins[first]:.3g}"
 
 
 class Recorder:
