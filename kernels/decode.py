@@ -185,15 +185,21 @@ def _q2_q3_K(w, r, b, xq, xd, xs, three):
 # ---------------------------------------------------------------- legacy: one 32-value block
 
 @inline
+def _q8_0(w, r, b, xq, xd, qk):
+    """d * sum q xq over the block's qk (32) signed quants; qk comes from the data: a loop of
+    constant count is unrolled whole, and LLVM then vectorizes across blocks with gathers."""
+    s = I32(0)
+    for l in range(qk):
+        s = I32(s + I32(np.int8(w[r, b, Q8_0_QS + l])) * I32(xq[b * QK + l]))
+    return xd[b] * _f16(w, r, b, Q8_0_D) * F(s)
+
+
+@inline
 def _legacy(kind, w, r, b, xq, xd, xs):
-    """Q8_0: d * sum q xq. Q4_0/Q5_0: d * (sum u xq - offset * xs) for the unsigned quants u.
-    Q4_1/Q5_1: d * sum u xq + m * xs."""
+    """Q4_0/Q5_0: d * (sum u xq - offset * xs) for the unsigned quants u. Q4_1/Q5_1:
+    d * sum u xq + m * xs."""
     x0 = b * QK
     s = I32(0)
-    if kind == Q8_0:
-        for l in range(QK):
-            s = I32(s + I32(np.int8(w[r, b, Q8_0_QS + l])) * I32(xq[x0 + l]))
-        return xd[b] * _f16(w, r, b, Q8_0_D) * F(s)
     if kind == Q4_0 or kind == Q4_1:
         at = Q4_0_QS if kind == Q4_0 else Q4_1_QS
         for l in range(16):  # low nibbles are elements 0-15, high nibbles 16-31
@@ -282,17 +288,13 @@ def _q2_K_rows(w, xq, xd, xs, out):
 @parallel
 def _q8_0_rows(w, xq, xd, xs, out):
     n, nb = w.shape[0], w.shape[1]
-    qk = w.shape[2] - Q8_0_QS  # 32, but not known to the compiler: a block's loop with a
-    # constant count is unrolled whole, and LLVM then vectorizes across blocks with gathers
+    qk = w.shape[2] - Q8_0_QS  # 32, unknown to the compiler (see _q8_0)
     for task in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
             acc = F(0.0)
             for b in range(nb):
                 _ahead(w, r, b, nb)
-                s = I32(0)
-                for l in range(qk):
-                    s = I32(s + I32(np.int8(w[r, b, Q8_0_QS + l])) * I32(xq[b * QK + l]))
-                acc += xd[b] * _f16(w, r, b, Q8_0_D) * F(s)
+                acc += _q8_0(w, r, b, xq, xd, qk)
             out[r] = acc
 
 

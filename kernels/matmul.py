@@ -7,12 +7,12 @@ what gguf.GGUFReader gives: float32 (N, K), float16 (N, K), BF16 as its raw byte
 (N, 2K) (uint16 (N, K) works too); the result is float32 (T, N), x @ W.T.
 
 The quantized types run the integer kernels of dot.py (activations quantized to Q8_K or
-Q8_0 first, as llama.cpp does: that costs a little accuracy, see tests/test_matmul.py); one
-kernel serves prefill (each weight block unpacked once for all T rows), decode.py's serve
-decode (T = 1, no unpacking: each sub-block's quants meet the activations straight from the
-bytes). For the legacy types, whose kernel is still slow (see the
-benchmark), from PREFILL_BLAS_T activation rows on, dequantize + numpy BLAS (on the
-quantized activations, so that the result does not depend on the batch size) is faster.
+Q8_0 first, as llama.cpp does: that costs a little accuracy, see tests/test_matmul.py).
+Prefill (T > 1) unpacks each weight block once for all T rows (dot.py); decode (T = 1) meets
+each sub-block's quants with the activation straight from the bytes (decode.py). For the
+legacy types, whose prefill kernel is still slow (see the benchmark), from PREFILL_BLAS_T
+activation rows on, dequantize + numpy BLAS on the quantized activations is faster (quantized
+all the same, so that the result does not depend on the batch size).
 
 `matmul_ref` is the plain reference: dequantize the rows, multiply in float32;
 `dot_ref.matmul` is the plain reading of the integer kernels.
