@@ -21,7 +21,7 @@ out float32 (N,).
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -35,6 +35,8 @@ from .legacy import Q5_1_QS, Q8_0_D, Q8_0_QS
 
 TYPES = KQUANTS | LEGACY
 AHEAD = 2048  # bytes: how far ahead of the block being read the next are asked for
+# the intrinsic's name mangles its pointer type: opaque `ptr` from LLVM 15, `i8*` before (numba 0.60)
+_PREFETCH = "llvm.prefetch.p0" if binding.llvm_version_info >= (15,) else "llvm.prefetch.p0i8"
 
 
 @intrinsic
@@ -47,7 +49,7 @@ def _prefetch(typingctx, arr, offset):
         at = builder.gep(builder.bitcast(data, i8p), [context.cast(builder, args[1], signature.args[1], types.intp)])
         i32 = ir.IntType(32)
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
+                                            _PREFETCH)
         builder.call(fn, [at, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
     return types.void(arr, offset), codegen
