@@ -2,7 +2,7 @@
 
 import sys
 
-from localmix.cli import main
+from localmix.frontends.cli import main
 
 if __name__ == "__main__":
     main(["quantize", *sys.argv[1:]])

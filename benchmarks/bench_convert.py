@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from localmix.quant_mix import CONVERTER_TYPES
-from localmix.tiny import make_tiny_checkpoint
+from localmix.convert.mix import CONVERTER_TYPES
+from localmix.fixtures.tiny import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 # llama.cpp's quantizer through llama-cpp-python, in its own process

@@ -36,7 +36,7 @@ def copy_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
 
 
 def bytes_per_token(path: Path) -> int:
-    from localmix.gguf_check import check_gguf
+    from localmix.gguf.check import check_gguf
 
     s = check_gguf(path)
     n_expert, used = max(s.n_expert, 1), max(s.n_expert_used, 1)
@@ -53,18 +53,17 @@ def bytes_per_token(path: Path) -> int:
 
 def run(engine, prompt: list[int], tokens: int) -> tuple[float, float]:
     """(prefill t/s, decode t/s) of one greedy generation from an empty cache."""
-    from localmix.engine import Sampling
+    from localmix.runtime.stream import Sampling
 
     for _ in engine.generate([1, 415], Sampling(max_tokens=2)):  # warm-up: threads, compiled kernels
         pass
-    for done in engine.generate(prompt, Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=tokens)):
-        pass
+    *_, done = engine.generate(prompt, Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=tokens))
     return done.prompt_tps, done.generate_tps
 
 
 def bench(path: Path, threads: int, tokens: int, bandwidth: float) -> None:
-    from localmix.engine import LlamaCppEngine
-    from localmix.native import NativeEngine
+    from localmix.native.engine import NativeEngine
+    from localmix.runtime.llama import LlamaCppEngine
 
     per_token = bytes_per_token(path)
     limit = bandwidth / per_token
@@ -92,9 +91,9 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("NUMBA_NUM_THREADS", str(args.threads))
 
-    from localmix.convert import convert
-    from localmix.synth import synth
-    from localmix.tiny import make_tiny_checkpoint
+    from localmix.convert.pipeline import convert
+    from localmix.fixtures.synth import synth
+    from localmix.fixtures.tiny import make_tiny_checkpoint
 
     args.dir.mkdir(parents=True, exist_ok=True)
     bandwidth = copy_bandwidth()

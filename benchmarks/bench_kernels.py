@@ -99,7 +99,7 @@ def main() -> None:
         ref = "" if args.no_ref else f"{flop / best(lambda: matmul_ref(xt, pool[0], qtype), 1) / 1e9:8.1f}"
         print(f"{qtype.name:5} {name:8} {n:>6}x{k:<5} {nbytes / 1e6:6.1f} | {t1 * 1e3:9.2f} {nbytes / t1 / 1e9:6.1f} "
               f"{nbytes / t1 / read:7.0%} | {args.prefill_t:3} {flop / tp / 1e9:7.1f} {ref}", flush=True)
-        del pool
+        pool = None  # free the copies before the next shape
 
 
 if __name__ == "__main__":

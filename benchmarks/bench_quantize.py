@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,11 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_convert import LLAMA_QUANTIZE, WIDTHS, measure  # noqa: E402
+from bench_convert import LLAMA_QUANTIZE, WIDTHS, measure
 
-from localmix.convert import convert  # noqa: E402
-from localmix.kernels import QType  # noqa: E402
-from localmix.tiny import make_tiny_checkpoint  # noqa: E402
+from localmix.convert.pipeline import convert
+from localmix.fixtures.tiny import make_tiny_checkpoint
+from localmix.kernels import QType
 
 KERNEL_TYPES = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q4_0, QType.Q5_0, QType.Q8_0]
 
@@ -54,8 +53,8 @@ def file_benchmark(f32: Path, types: list[str], threads: int, work: Path) -> Non
 
 def kernel_benchmark(threads: int) -> None:
     import numba
-
     from ggml_ref import ggml_quantize
+
     from localmix import kernels
 
     rng = np.random.default_rng(0)

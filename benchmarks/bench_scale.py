@@ -50,15 +50,15 @@ def evict(path: Path) -> None:
 def worker(path: str, engine: str, ctx: int, threads: int, tokens: int) -> dict:
     t0 = time.perf_counter()
     if engine in ("localmix", "native"):
-        from localmix.engine import Sampling, open_engine
+        from localmix.frontends.load import open_engine
+        from localmix.runtime.stream import Sampling
 
         # os.cpu_count() threads, as --threads defaults to
         e = open_engine(path, ctx=ctx, force=True, engine="llama.cpp" if engine == "localmix" else "native")
         load = time.perf_counter() - t0
         after_load = rss()
         prompt = [1] + e.tokenize(PROMPT)
-        for ev in e.generate(prompt, Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=tokens)):
-            pass
+        *_, ev = e.generate(prompt, Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=tokens))
         ttft, n, gen = ev.prompt_seconds, ev.generated_tokens - 1, ev.generate_seconds  # tokens after the first
         placement = e.plan.repack and "repacked" or "mapped"
     else:
@@ -70,7 +70,7 @@ def worker(path: str, engine: str, ctx: int, threads: int, tokens: int) -> dict:
         prompt = [1] + llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
         t1 = time.perf_counter()
         n, t_first = 0, None
-        for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0):
+        for _token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0):
             if t_first is None:
                 t_first = time.perf_counter()
             n += 1
@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the synthetic files")
     args = ap.parse_args()
 
-    from localmix.synth import synth
+    from localmix.fixtures.synth import synth
 
     args.dir.mkdir(parents=True, exist_ok=True)
     mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from localmix.convert import convert
-from localmix.tiny import make_tiny_checkpoint
+from localmix.convert.pipeline import convert
+from localmix.fixtures.tiny import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = min(2, os.cpu_count() or 1)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from localmix.quant_mix import FILE_TYPES
+from localmix.convert.mix import FILE_TYPES
 
 
 def llama_model_quantize(src: Path, out: Path, file_type: str, imatrix: dict[str, np.ndarray] | None = None,

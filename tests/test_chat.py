@@ -14,13 +14,12 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, run_localmix
-from localmix.chat import ChatSession, open_block, read_message, stats_line, unquote
-from localmix.chat_commands import apply_setting
-from localmix.engine import Done, Piece, Sampling
-from localmix.errors import InputError
 
+from localmix.errors import InputError
+from localmix.frontends.chat import ChatSession, open_block, read_message, unquote
+from localmix.frontends.commands import apply_setting, stats_line
+from localmix.runtime.stream import Done, Piece, Sampling
 
 # ---- fakes ----
 

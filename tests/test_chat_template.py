@@ -4,12 +4,17 @@ template runs sandboxed and its errors are one clean line."""
 
 import gguf
 import pytest
-
 from conftest import load_llama
-from localmix.chat_template import (conversation_tokens, prompt_tokens, render, template_from_gguf,
-                                    template_from_metadata)
+
 from localmix.errors import InputError
-from localmix.tiny import MIXTRAL_CHAT_TEMPLATE
+from localmix.fixtures.tiny import MIXTRAL_CHAT_TEMPLATE
+from localmix.runtime.template import (
+    conversation_tokens,
+    prompt_tokens,
+    render,
+    template_from_gguf,
+    template_from_metadata,
+)
 
 BOS = 1
 

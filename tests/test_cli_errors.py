@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_localmix
-from localmix.tiny import make_tiny_checkpoint
+
+from localmix.fixtures.tiny import make_tiny_checkpoint
 
 
 @pytest.fixture

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import MODEL_ARCH, GGUFReader, get_tensor_name_map
-
-from localmix.convert import convert
-from localmix.tensor_names import TENSOR_TABLE
-from localmix.tiny import make_tiny_checkpoint
-
 from golden.make_golden import describe as _describe
+
+from localmix.convert.names import TENSOR_TABLE
+from localmix.convert.pipeline import convert
+from localmix.fixtures.tiny import make_tiny_checkpoint
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "golden.json").read_text())
 
@@ -60,8 +59,8 @@ def test_tensor_table_agrees_with_gguf_name_map():
 
 def test_f32_data_is_the_checkpoint_exactly(tiny_mixtral, converted):
     """F32 tensors hold the bf16 weights exactly: embeddings as is, experts stacked in order."""
-    from localmix.checkpoint import Checkpoint
-    from localmix.tensor_names import permute_qk
+    from localmix.convert.checkpoint import Checkpoint
+    from localmix.convert.names import permute_qk
 
     ckpt = Checkpoint(tiny_mixtral)
     tensors = {t.name: t for t in GGUFReader(converted("mixtral", "F32")).tensors}

@@ -5,9 +5,10 @@ import threading
 
 import numpy as np
 import pytest
-
 from conftest import THREADS, load_llama
-from localmix.engine import ContextOverflow, Done, LlamaCppEngine, Piece, Sampling
+
+from localmix.runtime.llama import LlamaCppEngine
+from localmix.runtime.stream import ContextOverflow, Done, Piece, Sampling
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=16)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from localmix.errors import InputError
-from localmix.experts import render, route
+from localmix.native.experts import render, route
 
 PROMPT = "[INST] Le routeur choisit deux experts pour chaque jeton, puis combine leurs sorties. [/INST]"
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from localmix.errors import InputError
-from localmix.gguf_check import (available_memory, check_fits, check_gguf, estimate_memory,
-                                 largest_fitting_ctx)
-from localmix.info import describe
+from localmix.gguf.check import check_gguf
+from localmix.gguf.info import describe
+from localmix.runtime.memory import available_memory, check_fits, estimate_memory, largest_fitting_ctx
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import struct
 import numpy as np
 import pytest
 
+from localmix.convert.imatrix import load_imatrix, save_imatrix, tensor_importance
 from localmix.errors import InputError
-from localmix.imatrix import load_imatrix, save_imatrix, tensor_importance
 
 
 def write_legacy(path, entries, chunk_count=None, dataset=None):

@@ -4,14 +4,14 @@ takes it (and writes the same file our converter writes with it)."""
 
 import numpy as np
 import pytest
-from gguf import GGUFReader
-
 from conftest import llama_logprobs, mean_kl
+from gguf import GGUFReader
 from llama_quantize import llama_model_quantize
-from localmix.convert import convert
+
+from localmix.convert.imatrix import load_imatrix
+from localmix.convert.pipeline import convert
 from localmix.errors import InputError
-from localmix.imatrix import load_imatrix
-from localmix.importance import compute_imatrix, write_imatrix
+from localmix.native.stats import compute_imatrix, write_imatrix
 
 N_CTX = 256
 SEEN = " ".join(f"Satz {i}: Die Experten {i} et les routeurs {i}, the tokens {i} y los pesos {i}." for i in range(70))

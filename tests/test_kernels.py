@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from ggml_ref import ggml_fp32_to_fp16, ggml_quantize
 from numba import njit
 
-from ggml_ref import ggml_fp32_to_fp16, ggml_quantize
 from localmix import kernels
 from localmix.kernels import QType, common
 

@@ -1,4 +1,4 @@
-"""Models by name (localmix/models.py) against a fake Hugging Face cache, never the network.
+"""Models by name (localmix/hub.py) against a fake Hugging Face cache, never the network.
 
 The fake cache has huggingface_hub's on-disk layout: models--ORG--NAME/blobs/<sha256>,
 snapshots/<commit>/<path> as relative symlinks to the blobs, refs/main holding the commit.
@@ -17,9 +17,9 @@ import pytest
 from huggingface_hub import constants
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-from localmix import models
 from localmix.errors import InputError, OutputError
-from localmix.info import describe
+from localmix.frontends import hub as models
+from localmix.gguf.info import describe
 
 GGUF_REPO = "TheBloke/Tiny-Mixtral-GGUF"
 CKPT_REPO = "mistralai/Tiny-Mixtral"

@@ -7,13 +7,14 @@ import threading
 
 import numpy as np
 import pytest
-
 from conftest import load_llama
-from localmix.engine import ContextOverflow, Done, LlamaCppEngine, Piece, Sampling
-from localmix.model import KVCache, forward, prefill
-from localmix.native import NativeEngine
-from localmix.sampler import Sampler, mt19937, uniform01
-from localmix.weights import load_weights
+
+from localmix.native.engine import NativeEngine
+from localmix.native.model import KVCache, forward, prefill
+from localmix.native.sampler import Sampler, mt19937, uniform01
+from localmix.native.weights import load_weights
+from localmix.runtime.llama import LlamaCppEngine
+from localmix.runtime.stream import ContextOverflow, Done, Piece, Sampling
 
 TEXT = ("[INST] Erkläre mir bitte, wie ein Mischmodell aus Experten funktioniert. [/INST] "
         "The quick brown fox jumps over the lazy dog while the router picks two experts. "

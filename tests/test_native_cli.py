@@ -2,9 +2,8 @@
 
 import json
 
-from gguf import GGUFReader
-
 from conftest import run_localmix
+from gguf import GGUFReader
 
 
 def test_run_with_the_native_engine_streams_what_llama_cpp_streams(converted):

@@ -5,10 +5,10 @@ import re
 
 import numpy as np
 import pytest
-
 from conftest import THREADS, run_localmix
-from localmix.offload import load_llama, override_array
-from localmix.planner import GiB, file_plan, preset_plan
+
+from localmix.runtime.offload import load_llama, override_array
+from localmix.runtime.planner import GiB, file_plan, preset_plan
 
 OVERRIDDEN = re.compile(r"tensor (blk\.\d+\.ffn_\w+_exps\.weight) \(.*\) buffer type overridden to (\w+)")
 TOKENS = [1, 733, 16289, 28793, 22557, 28725, 315, 837, 264, 1369, 28723]

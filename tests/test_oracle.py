@@ -6,7 +6,6 @@ oracle; llama.cpp (through llama-cpp-python) is the independent reader of our fi
 
 import numpy as np
 import pytest
-
 from conftest import load_llama
 
 torch = pytest.importorskip("torch")

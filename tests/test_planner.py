@@ -2,8 +2,8 @@
 
 import pytest
 
-from localmix.planner import EXPERT, GiB, preset_plan
-from localmix.presets import preset_tensors
+from localmix.convert.presets import preset_tensors
+from localmix.runtime.planner import EXPERT, GiB, preset_plan
 
 RTX_3090 = 24 * GiB
 MAC_32_WORKING_SET = int(21.3 * GiB)  # Metal's recommendedMaxWorkingSetSize on a 32 GB Mac

@@ -2,10 +2,10 @@
 
 import pytest
 
-from localmix.config import ModelConfig
+from localmix.convert.config import ModelConfig
+from localmix.convert.mix import ModelShape, choose_types, use_more_bits
+from localmix.convert.names import expected_shapes
 from localmix.kernels import QType, tensor_nbytes
-from localmix.quant_mix import ModelShape, choose_types, use_more_bits
-from localmix.tensor_names import expected_shapes
 
 MIXTRAL_8X7B = ModelConfig.from_dict({
     "architectures": ["MixtralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,

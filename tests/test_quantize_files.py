@@ -4,14 +4,14 @@ importance matrix; and the quantized files run, with the expected loss of qualit
 
 import numpy as np
 import pytest
-from gguf import GGUFReader
-
 from conftest import llama_logprobs, mean_kl
+from gguf import GGUFReader
 from llama_quantize import llama_model_quantize
-from localmix.convert import convert
-from localmix.imatrix import load_imatrix, save_imatrix
-from localmix.quant_mix import allows_quantization
-from localmix.tiny import make_tiny_checkpoint
+
+from localmix.convert.imatrix import load_imatrix, save_imatrix
+from localmix.convert.mix import allows_quantization
+from localmix.convert.pipeline import convert
+from localmix.fixtures.tiny import make_tiny_checkpoint
 
 # 32 layers so that every layer-dependent rule of Mixtral's mixes is exercised.
 DEEP = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=32, num_attention_heads=8,

@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 from conftest import REPO, load_llama, run_localmix
-from localmix.chat_template import prompt_tokens, render
+
+from localmix.runtime.template import prompt_tokens, render
 
 ANSI = re.compile(r"\x1b\[")
 

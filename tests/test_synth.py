@@ -2,15 +2,14 @@
 
 import numpy as np
 import pytest
-
-from gguf import GGUFReader
-
 from conftest import load_llama, run_localmix
+from gguf import GGUFReader
 from llama_quantize import llama_model_quantize
-from localmix.config import ModelConfig
-from localmix.gguf_check import check_gguf
+
+from localmix.convert.config import ModelConfig
+from localmix.fixtures.synth import SCALES, SIGMA, random_rows, synth
+from localmix.gguf.check import check_gguf
 from localmix.kernels import dequantize
-from localmix.synth import SIGMA, SCALES, random_rows, synth
 
 
 def table(path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from localmix.tiny import make_tiny_checkpoint, tokenizer_model_path
+from localmix.fixtures.tiny import make_tiny_checkpoint, tokenizer_model_path
 
 # The keys of mistralai/Mixtral-8x7B-Instruct-v0.1's config.json.
 HUB_MIXTRAL_KEYS = {

@@ -4,7 +4,6 @@ with tokenizer.model, and detokenizes back to the text."""
 import ctypes
 
 import pytest
-
 from conftest import load_llama
 
 CORPUS = [

@@ -15,8 +15,8 @@ import numpy as np
 import safetensors
 from gguf.utility import LocalTensor, SafetensorsLocal
 
-from .errors import InputError
-from .mapped import STORED_DTYPES, StoredTensor
+from localmix.convert.mapped import STORED_DTYPES, StoredTensor
+from localmix.errors import InputError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

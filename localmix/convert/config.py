@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from localmix.errors import InputError
 
 # Hugging Face architecture -> whether it is a mixture of experts.
 SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": True, "MistralForCausalLM": False}

@@ -6,7 +6,7 @@ ffn_down Q6_K in the layers `use_more_bits` picks; output Q6_K). `choose_types` 
 `llama_tensor_get_type` in llama.cpp's src/llama-quant.cpp (llama-cpp-python 0.3.36) for the
 llama architecture that Mixtral and Mistral use, including its counters (which attn_v this
 is) and its fallbacks for rows that do not fit a type's block. The F32/F16/BF16/Q8_0 types
-follow llama.cpp's converter instead (convert.py), which agrees with the quantizer on them.
+follow llama.cpp's converter instead (pipeline.py), which agrees with the quantizer on them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, LlamaFileType
 
-from .kernels import QType
+from localmix.kernels import QType
 
 FT = LlamaFileType
 

@@ -14,8 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import InputError
+from localmix.convert.config import ModelConfig
+from localmix.errors import InputError
 
 # HF name template -> (GGUF name template, Q/K permutation: "q", "k" or None)
 TENSOR_TABLE: dict[str, tuple[str, str | None]] = {

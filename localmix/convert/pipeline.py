@@ -2,9 +2,9 @@
 
 The data flow, top to bottom:
     folder or file -> source: tensors, model shape, metadata   (sources.py)
-    file type + names/shapes -> the type of every tensor      (quant_mix.py, or the converter's rules here)
+    file type + names/shapes -> the type of every tensor      (mix.py, or the converter's rules here)
     --imatrix FILE -> importance per column (per expert)      (imatrix.py)
-    each chunk of rows -> kernels.quantize -> appended         (kernels/, gguf_file.py)
+    each chunk of rows -> kernels.quantize -> appended         (localmix.kernels, gguf/write.py)
 
 F32/F16/BF16/Q8_0 files are what llama.cpp's `convert_hf_to_gguf.py` writes; K-quant files
 are what its `llama_model_quantize` makes of the F32 file, tensor for tensor and byte for
@@ -20,13 +20,13 @@ from typing import Protocol
 import gguf
 import numpy as np
 
-from . import kernels
-from .errors import InputError
-from .gguf_file import GGUFFileWriter
-from .imatrix import load_imatrix, tensor_importance
-from .kernels import QType
-from .quant_mix import CONVERTER_TYPES, FILE_TYPES, choose_types
-from .sources import SourceTensor, open_source
+from localmix import kernels
+from localmix.convert.imatrix import load_imatrix, tensor_importance
+from localmix.convert.mix import CONVERTER_TYPES, FILE_TYPES, choose_types
+from localmix.convert.sources import SourceTensor, open_source
+from localmix.errors import InputError
+from localmix.gguf.write import GGUFFileWriter
+from localmix.kernels import QType
 
 CHUNK_ELEMENTS = 1 << 24  # rows are converted in chunks of about this many weights
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig
-from .kernels import QType, tensor_nbytes
-from .quant_mix import CONVERTER_TYPES, FILE_TYPES, ModelShape, choose_types
-from .tensor_names import expected_shapes
+from localmix.convert.config import ModelConfig
+from localmix.convert.mix import CONVERTER_TYPES, FILE_TYPES, ModelShape, choose_types
+from localmix.convert.names import expected_shapes
+from localmix.kernels import QType, tensor_nbytes
 
 PRESETS = {
     "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], hidden_size=4096, intermediate_size=14336,
@@ -41,7 +41,7 @@ class PresetTensor:
 
 def preset_config(name: str) -> ModelConfig:
     if name not in PRESETS:
-        from .errors import InputError
+        from localmix.errors import InputError
         raise InputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return ModelConfig.from_dict(PRESETS[name])
 
@@ -54,7 +54,7 @@ def config_tensors(cfg: ModelConfig, file_type: str) -> list[PresetTensor]:
     """The GGUF tensor table of the model `cfg` at `file_type`, in the converter's order."""
     shapes = expected_shapes(cfg)
     if file_type in CONVERTER_TYPES:
-        from .convert import tensor_type
+        from localmix.convert.pipeline import tensor_type
         types = {n: tensor_type(n, s, file_type) for n, s in shapes.items()}
     else:
         model = ModelShape(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,

@@ -1,6 +1,6 @@
 """What a conversion reads: a Hugging Face checkpoint folder, or a float GGUF file.
 
-Both present the same face to convert.py: the GGUF tensors to write (name, numpy-order
+Both present the same face to pipeline.py: the GGUF tensors to write (name, numpy-order
 shape, where each part's bytes are stored, the type it has now), the model's shape for
 the quantization rules, and a function that writes the file's metadata.
 """
@@ -14,14 +14,14 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from .checkpoint import Checkpoint
-from .config import ModelConfig
-from .errors import InputError
-from .kernels import QType
-from .mapped import StoredTensor
-from .quant_mix import ModelShape
-from .tensor_names import plan_tensors
-from .vocab import add_tokenizer
+from localmix.convert.checkpoint import Checkpoint
+from localmix.convert.config import ModelConfig
+from localmix.convert.mapped import StoredTensor
+from localmix.convert.mix import ModelShape
+from localmix.convert.names import plan_tensors
+from localmix.convert.vocab import add_tokenizer
+from localmix.errors import InputError
+from localmix.kernels import QType
 
 
 @dataclass
@@ -94,7 +94,7 @@ class GGUFSource:
     general.file_type and general.quantization_version set anew."""
 
     def __init__(self, path: Path):
-        from .info import open_gguf
+        from localmix.gguf.read import open_gguf
 
         self.path = path
         self.reader = r = open_gguf(path)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import gguf
 
-from .errors import InputError
+from localmix.errors import InputError
 
 
 class TokenType(IntEnum):  # llama.cpp's llama_token_type

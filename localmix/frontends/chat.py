@@ -7,7 +7,7 @@ knows nothing of models: it is given a `Reply` callable, `reply(messages, sampli
 
 Input and output go through a small UI object: `TerminalUI` (prompt_toolkit: line editing,
 history file, \"\"\" blocks, bracketed paste; rich: live Markdown) or `PlainUI` for pipes.
-The slash commands are in chat_commands.py.
+The slash commands, and the stats line after each reply, are in commands.py.
 
 Ctrl-C during a reply: the reply runs in a worker thread, so the main thread takes the
 KeyboardInterrupt and sets the `cancel` event; the engine stops between two tokens and ends
@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from .engine import Done, Piece, Sampling
-from .errors import LocalmixError
+from localmix.errors import LocalmixError
+from localmix.frontends.commands import QUIT, run_command, stats_line
+from localmix.runtime.stream import Done, Piece, Sampling
 
 Reply = Callable[[list[dict], Sampling, threading.Event], Iterator[Piece | Done]]
 CountTokens = Callable[[list[dict]], int]
@@ -76,17 +77,6 @@ class Stats:
         self.generated += done.generated_tokens
         self.generate_seconds += done.generate_seconds
         self.last = done
-
-
-STOPPED = {"length": "max_tokens", "context": "context full", "cancelled": "interrupted"}
-
-
-def stats_line(done: Done) -> str:
-    new = f"{done.prompt_evaluated} new, {done.prompt_tps:.0f} t/s" if done.prompt_evaluated else "all cached"
-    line = (f"prompt {done.prompt_tokens} tokens ({new}), "
-            f"reply {done.generated_tokens} tokens ({done.generate_tps:.1f} t/s), "
-            f"first token in {done.prompt_seconds:.2f} s")
-    return line + (f", stopped: {STOPPED[done.reason]}" if done.reason in STOPPED else "")
 
 
 # ---- streaming one reply ----
@@ -170,7 +160,6 @@ class ChatSession:
         self.stats = Stats()
 
     def run(self, ui: UI) -> None:
-        from .chat_commands import QUIT, run_command
 
         armed = False  # after one Ctrl-C at an empty prompt, a second one quits
         while True:
@@ -279,7 +268,7 @@ def unquote(text: str) -> tuple[bool, str]:
 def engine_reply(engine) -> tuple[Reply, CountTokens]:
     """`reply` and `count_tokens` over a LlamaCppEngine: the conversation goes through the
     model's chat template; the engine reuses its KV cache when the new prompt extends the old."""
-    from .oneshot import conversation_tokens
+    from localmix.frontends.oneshot import conversation_tokens
 
     def reply(messages: list[dict], sampling: Sampling, cancel: threading.Event) -> Iterator[Piece | Done]:
         return engine.generate(conversation_tokens(engine, messages), sampling, cancel)

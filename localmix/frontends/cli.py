@@ -16,13 +16,13 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from .errors import EXIT_INTERRUPTED, LocalmixError
+from localmix.errors import EXIT_INTERRUPTED, LocalmixError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Run Mixtral-class mixture-of-experts models on your own desktop.")
 err = Console(stderr=True, highlight=False)
 
-from .quant_mix import FILE_TYPES  # noqa: E402
+from localmix.convert.mix import FILE_TYPES
 
 # typer vendors click from 0.29 on; take its exception class from typer itself.
 ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -38,9 +38,9 @@ def quantize(
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
 ):
     """Quantize a Hugging Face checkpoint to a GGUF file in one streaming pass (llama.cpp's K-quant mixes)."""
-    from .convert import convert
-    from .info import human_bytes
-    from .progress import ConvertProgress
+    from localmix.convert.pipeline import convert
+    from localmix.frontends.progress import ConvertProgress
+    from localmix.units import human_bytes
 
     with ConvertProgress(err) as progress:
         result = convert(src, out, type_.upper(), force=force, imatrix=imatrix, progress=progress)
@@ -54,7 +54,8 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Show what a GGUF file holds: architecture, sizes, tensor types, tokenizer, chat template."""
-    from .info import describe, render
+    from localmix.frontends.render import render
+    from localmix.gguf.info import describe
 
     summary = describe(file)
     if as_json:
@@ -99,9 +100,10 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log and a stats line on stderr."),
 ):
     """Answer one prompt and exit: only the reply goes to stdout, ready for a pipe."""
-    from .engine import Sampling, open_engine
-    from .oneshot import ask, read_prompt
-    from .planner import placement_line
+    from localmix.frontends.load import open_engine
+    from localmix.frontends.oneshot import ask, read_prompt
+    from localmix.runtime.planner import placement_line
+    from localmix.runtime.stream import Sampling
 
     path = _model_path(model)
     text = read_prompt(prompt or [], sys.stdin)
@@ -145,7 +147,7 @@ def chat(
 
     Input history is kept in $XDG_DATA_HOME/localmix/chat_history (~/.local/share/...).
     """
-    from .engine import Sampling
+    from localmix.runtime.stream import Sampling
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                         seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()))
@@ -155,9 +157,9 @@ def chat(
 
 def _chat(model: Path, ctx: int | None, sampling, system: str | None = None, raw: bool = False, history: bool = True,
           **load) -> None:
-    from .chat import ChatSession, engine_reply, history_path, start
-    from .engine import open_engine
-    from .planner import placement_line
+    from localmix.frontends.chat import ChatSession, engine_reply, history_path, start
+    from localmix.frontends.load import open_engine
+    from localmix.runtime.planner import placement_line
 
     engine = open_engine(model, ctx=ctx, **load)
     reply, count_tokens = engine_reply(engine)
@@ -168,7 +170,7 @@ def _chat(model: Path, ctx: int | None, sampling, system: str | None = None, raw
 
 def _model_path(name: str) -> Path:
     """A path as given, or a model pulled earlier, found in the local Hugging Face cache."""
-    from .models import resolve
+    from localmix.frontends.hub import resolve
 
     return resolve(name)
 
@@ -177,7 +179,7 @@ def _model_path(name: str) -> Path:
 def pull(spec: str = typer.Argument(..., help="REPO[:QUANT_OR_FILE], e.g. TheBloke/Mixtral-8x7B-Instruct-v0.1-GGUF:Q4_K_M, "
                                     "or a checkpoint repo such as mistralai/Mixtral-8x7B-Instruct-v0.1.")):
     """Download a GGUF (all its parts) or a safetensors checkpoint into the Hugging Face cache (resumable)."""
-    from .models import pull as pull_model
+    from localmix.frontends.hub import pull as pull_model
 
     path = pull_model(spec, progress=err.is_terminal)
     print(path)
@@ -188,8 +190,8 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """List the models in the local cache."""
     from rich.table import Table
 
-    from .info import human_bytes
-    from .models import list_models
+    from localmix.frontends.hub import list_models
+    from localmix.units import human_bytes
 
     models = list_models()
     if as_json:
@@ -206,8 +208,8 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
 @app.command()
 def rm(spec: str = typer.Argument(..., help="REPO or REPO:QUANT_OR_FILE, as `localmix ls` shows it.")):
     """Delete a model from the local cache."""
-    from .info import human_bytes
-    from .models import remove
+    from localmix.frontends.hub import remove
+    from localmix.units import human_bytes
 
     freed = remove(spec)
     err.print(f"removed {spec}, freed {human_bytes(freed)}")
@@ -227,10 +229,10 @@ def plan(
     """Where each tensor goes: the GPU while it fits, the experts of the first layers on the CPU."""
     from rich.table import Table
 
-    from .devices import machine
-    from .info import human_bytes
-    from .planner import describe, file_plan, preset_plan
-    from .presets import PRESETS
+    from localmix.convert.presets import PRESETS
+    from localmix.runtime.devices import machine
+    from localmix.runtime.planner import describe, file_plan, preset_plan
+    from localmix.units import human_bytes
 
     device, budget, ram_bytes = machine(vram, ram, metal)
     name, _, file_type = model.partition(":")
@@ -271,8 +273,8 @@ def experts(
 
     The text is tokenized as it is (BOS first, no chat template) and run through localmix's
     native forward."""
-    from .experts import render, route_text
-    from .oneshot import read_prompt
+    from localmix.frontends.oneshot import read_prompt
+    from localmix.native.experts import render, route_text
 
     routing = route_text(_model_path(model), read_prompt(prompt or [], sys.stdin))
     if as_json:
@@ -290,13 +292,13 @@ def imatrix(
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite the output if it exists."),
 ):
     """Compute an importance matrix, as llama.cpp's llama-imatrix does, for `quantize --imatrix`."""
-    from .importance import imatrix_from_text, write_imatrix
+    from localmix.native.stats import imatrix_from_text, write_imatrix
 
     if not text.is_file():
-        from .errors import InputError
+        from localmix.errors import InputError
         raise InputError(f"{text} not found")
     if out.exists() and not force:
-        from .errors import InputError
+        from localmix.errors import InputError
         raise InputError(f"{out} already exists; pass --force to overwrite it")
     progress = (lambda done, total: err.print(f"chunk {done}/{total}", end="\r")) if err.is_terminal else None
     data = imatrix_from_text(_model_path(model), text.read_text(encoding="utf-8", errors="replace"), ctx, progress)
@@ -317,9 +319,9 @@ def synth(
 
     For measuring memory and speed at full size without downloading the real weights; it
     generates noise. The file has the size llama.cpp's file of the same model and type has."""
-    from .info import human_bytes
-    from .progress import ConvertProgress
-    from .synth import synth as write_synth
+    from localmix.fixtures.synth import synth as write_synth
+    from localmix.frontends.progress import ConvertProgress
+    from localmix.units import human_bytes
 
     with ConvertProgress(err) as progress:
         r = write_synth(preset, type_.upper(), out, seed=seed, n_layers=layers, force=force, progress=progress)
@@ -355,10 +357,11 @@ def demo(
     `hf download mistralai/Mixtral-8x7B-Instruct-v0.1 --local-dir mixtral`) and run
     `localmix quantize mixtral mixtral-Q4_K_M.gguf --type Q4_K_M`.
     """
-    from .convert import convert
-    from .info import describe, render
-    from .progress import ConvertProgress
-    from .tiny import make_tiny_checkpoint
+    from localmix.convert.pipeline import convert
+    from localmix.fixtures.tiny import make_tiny_checkpoint
+    from localmix.frontends.progress import ConvertProgress
+    from localmix.frontends.render import render
+    from localmix.gguf.info import describe
 
     out = Console(highlight=False)
     directory = directory or _cache_dir() / "demo"
@@ -370,7 +373,7 @@ def demo(
     out.print(f"[bold]2.[/] converted it to {gguf_path}:")
     out.print(render(describe(gguf_path)))
     if sys.stdin.isatty():
-        from .engine import Sampling
+        from localmix.runtime.stream import Sampling
 
         out.print("[bold]3.[/] chat with it through llama.cpp (random weights, so random replies by design):")
         _chat(gguf_path, 2048, Sampling(max_tokens=tokens))
@@ -381,8 +384,9 @@ def demo(
 
 def _generate(model: Path, prompt: str, max_tokens: int) -> None:
     """One reply from the demo model, through the same engine and chat template as `run`."""
-    from .engine import Sampling, open_engine
-    from .oneshot import ask
+    from localmix.frontends.load import open_engine
+    from localmix.frontends.oneshot import ask
+    from localmix.runtime.stream import Sampling
 
     engine = open_engine(model, ctx=256)
     ask(engine, prompt, None, Sampling(temperature=0.0, max_tokens=max_tokens), _stdout_writer())

@@ -15,11 +15,22 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .engine import Sampling
-from .errors import InputError, LocalmixError
+from localmix.errors import InputError, LocalmixError
+from localmix.runtime.stream import Done, Sampling
 
 if TYPE_CHECKING:
-    from .chat import ChatSession, UI
+    from localmix.frontends.chat import UI, ChatSession
+
+STOPPED = {"length": "max_tokens", "context": "context full", "cancelled": "interrupted"}
+
+
+def stats_line(done: Done) -> str:
+    new = f"{done.prompt_evaluated} new, {done.prompt_tps:.0f} t/s" if done.prompt_evaluated else "all cached"
+    line = (f"prompt {done.prompt_tokens} tokens ({new}), "
+            f"reply {done.generated_tokens} tokens ({done.generate_tps:.1f} t/s), "
+            f"first token in {done.prompt_seconds:.2f} s")
+    return line + (f", stopped: {STOPPED[done.reason]}" if done.reason in STOPPED else "")
+
 
 QUIT = object()
 
@@ -228,7 +239,6 @@ def _stats(session: ChatSession, ui: UI, arg):
     if not st.replies:
         ui.print("no replies yet")
         return
-    from .chat import stats_line
 
     tps = max(st.generated - st.replies, 0) / st.generate_seconds if st.generate_seconds else 0.0  # after each first token
     ptps = st.prompt_evaluated / st.prompt_seconds if st.prompt_seconds else 0.0

@@ -27,11 +27,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants, hf_hub_download, scan_cache_dir, snapshot_download
-from huggingface_hub.errors import (CacheNotFound, GatedRepoError, HFValidationError, LocalEntryNotFoundError,
-                                    RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.errors import (
+    CacheNotFound,
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import disable_progress_bars
 
-from .errors import InputError, OutputError
+from localmix.errors import InputError, OutputError
 
 try:  # the HTTP client huggingface_hub uses; its transport errors are not OSErrors
     from httpx2 import HTTPError as _HTTPError

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Callable, TextIO
 
-from .chat_template import conversation_tokens as render_tokens
-from .chat_template import template_from_metadata
-from .engine import Done, LlamaCppEngine, Piece, Sampling
-from .errors import InputError
+from localmix.errors import InputError
+from localmix.runtime.llama import LlamaCppEngine
+from localmix.runtime.stream import Done, Piece, Sampling
+from localmix.runtime.template import conversation_tokens as render_tokens
+from localmix.runtime.template import template_from_metadata
 
 
 def read_prompt(words: list[str], stdin: TextIO | None) -> str:

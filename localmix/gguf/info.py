@@ -11,10 +11,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from gguf import GGUFReader, GGUFValueType, LlamaFileType
+from gguf import LlamaFileType
 
-from .errors import InputError
+from localmix.gguf.read import field_value, open_gguf
 
 HPARAMS = [  # (label, key suffix after "{arch}.")
     ("context length", "context_length"), ("embedding length", "embedding_length"),
@@ -24,21 +23,6 @@ HPARAMS = [  # (label, key suffix after "{arch}.")
     ("RoPE theta", "rope.freq_base"), ("RoPE dimensions", "rope.dimension_count"),
     ("RMS norm epsilon", "attention.layer_norm_rms_epsilon"), ("vocab size", "vocab_size"),
 ]
-
-
-def open_gguf(path: str | Path) -> GGUFReader:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path} not found")
-    try:
-        return GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError) as e:
-        raise InputError(f"{path} is not a valid GGUF file, or it is truncated/corrupt ({e}); re-download or re-convert it") from None
-
-
-def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -93,48 +77,3 @@ def describe(path: str | Path) -> dict[str, Any]:
             "text": template,
         },
     }
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-
-
-def human_count(n: int) -> str:
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
-
-
-def render(info: dict[str, Any]):
-    """Rich renderables for `localmix info`."""
-    from rich.table import Table
-
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("file", info["path"])
-    t.add_row("name", str(info["name"]))
-    t.add_row("architecture", f"{info['architecture']}  (GGUF v{info['gguf_version']})")
-    t.add_row("file type", str(info["file_type"]))
-    for label, key in HPARAMS:
-        if key in info["hyperparameters"]:
-            t.add_row(label, f"{info['hyperparameters'][key]:g}" if isinstance(info["hyperparameters"][key], float)
-                      else str(info["hyperparameters"][key]))
-    p, b = info["parameters"], info["bytes"]
-    t.add_row("parameters", f"{human_count(p['total'])} total, {human_count(p['active_per_token'])} active per token")
-    t.add_row("size", f"{human_bytes(b['total'])}  ({info['bits_per_weight']} bits per weight)")
-    if p["experts"]:
-        t.add_row("  experts", f"{human_bytes(b['experts'])}  ({human_count(p['experts'])} parameters)")
-    t.add_row("  other" if p["experts"] else "  tensors", f"{human_bytes(b['other'])}  ({human_count(p['other'])} parameters)")
-    t.add_row("tensor types", ", ".join(f"{k} ×{v}" for k, v in info["tensor_types"].items()))
-    tok = info["tokenizer"]
-    t.add_row("tokenizer", f"{tok['model']}, {tok['vocab_size']} tokens, BOS {tok['bos_token_id']}, "
-              f"EOS {tok['eos_token_id']}, add BOS {tok['add_bos_token']}")
-    ct = info["chat_template"]
-    t.add_row("chat template", "none" if ct is None else
-              f"{ct['format']} format, {ct['length']} characters, {'with' if ct['system_role'] else 'no'} system role")
-    return t

@@ -21,7 +21,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .errors import InputError, OutputError
+from localmix.errors import InputError, OutputError
 
 
 def _io_error(path: Path, e: OSError) -> OutputError:

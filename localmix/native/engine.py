@@ -1,12 +1,12 @@
 """The native engine: the numpy forward (model.py) over the memory-mapped GGUF, behind the
-same interface as `engine.LlamaCppEngine`.
+same interface as the llama.cpp engine (localmix.runtime.llama).
 
 Tokens in and out go through llama.cpp's vocabulary (`Llama(vocab_only=True)`: the file's own
 tokenizer, no weights loaded); the next token is chosen by `sampler.Sampler`, which picks
 what llama-cpp-python's `Llama.generate` picks. The KV cache is kept between calls: a prompt
 that extends the previous conversation evaluates only its new tokens.
 
-From sampled tokens to `Piece`s and a `Done`, it shares `engine.reply_events` with llama.cpp's
+From sampled tokens to `Piece`s and a `Done`, it shares `runtime.stream.reply_events` with llama.cpp's
 engine, so streaming, stop strings, limits and cancellation behave the same.
 """
 
@@ -18,11 +18,10 @@ from typing import Iterator
 
 import numpy as np
 
-from .engine import ContextOverflow, Piece, Done, Sampling, _common_prefix, reply_events
-from .errors import InputError
-from .model import KVCache, forward, prefill
-from .sampler import Sampler
-from .weights import load_weights, vocabulary
+from localmix.native.model import KVCache, forward, prefill
+from localmix.native.sampler import Sampler
+from localmix.native.weights import load_weights, vocabulary
+from localmix.runtime.stream import ContextOverflow, Done, Piece, Sampling, common_prefix, reply_events
 
 PREFILL_BATCH = 64
 
@@ -56,7 +55,7 @@ class NativeEngine:
         if len(tokens) >= self.n_ctx:
             raise ContextOverflow(len(tokens), self.n_ctx)
         # reuse the cached prefix, but evaluate at least one token: its logits choose the first reply token
-        reuse = min(_common_prefix(self.cached, tokens), len(tokens) - 1)
+        reuse = min(common_prefix(self.cached, tokens), len(tokens) - 1)
         with self._lock:
             stream = self._sampled(tokens, reuse, Sampler(s))
             try:

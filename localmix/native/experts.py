@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .model import KVCache, prefill
-from .weights import load_weights
+from localmix.errors import InputError
+from localmix.native.model import KVCache, prefill
+from localmix.native.weights import load_weights
 
 
 @dataclass
@@ -86,7 +86,7 @@ def route(path: str | Path, prompt_tokens: list[int], pieces: list[str] | None =
 
 def route_text(path: str | Path, text: str) -> Routing:
     """`route` for a text: tokenized with the file's own vocabulary, BOS first."""
-    from .weights import vocabulary
+    from localmix.native.weights import vocabulary
 
     vocab = vocabulary(path)
     tokens = vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)

@@ -23,8 +23,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .kernels.matmul import dequantize_rows, matmul
-from .weights import HParams, Layer, Tensor, Weights
+from localmix.kernels.matmul import dequantize_rows, matmul
+from localmix.native.weights import HParams, Layer, Tensor, Weights
 
 
 class Observer(Protocol):

@@ -23,7 +23,7 @@ from collections import Counter, deque
 
 import numpy as np
 
-from .engine import Sampling
+from localmix.runtime.stream import Sampling
 
 PENALTY_LAST_N = 64  # llama-cpp-python's Llama(last_n_tokens_size=64)
 

@@ -6,7 +6,7 @@ input x, and how many tokens were summed. The stacked expert tensors have one su
 count per expert, over the tokens routed to that expert (llama-imatrix's MUL_MAT_ID branch).
 The text is cut into chunks of n_ctx tokens, each evaluated from an empty cache with its first
 token replaced by BOS, the tail that fills no chunk dropped (tools/imatrix/imatrix.cpp,
-`compute_imatrix`). `save_imatrix` (imatrix.py) writes llama.cpp's GGUF imatrix format, which
+`compute_imatrix`). `save_imatrix` (convert/imatrix.py) writes llama.cpp's GGUF imatrix format, which
 `localmix quantize --imatrix` and llama.cpp's quantizer read.
 """
 
@@ -19,11 +19,11 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import InputError
-from .imatrix import save_imatrix
-from .info import field_value
-from .model import KVCache, prefill
-from .weights import load_weights
+from localmix.convert.imatrix import save_imatrix
+from localmix.errors import InputError
+from localmix.gguf.read import field_value
+from localmix.native.model import KVCache, prefill
+from localmix.native.weights import load_weights
 
 
 class _Collector:
@@ -99,7 +99,7 @@ def write_imatrix(out: str | Path, imatrix: dict, dataset: str = "text", force: 
 def imatrix_from_text(path: str | Path, text: str, n_ctx: int = 512,
                       progress: Callable[[int, int], None] | None = None) -> dict:
     """`compute_imatrix` over a text, tokenized with the file's own vocabulary (BOS first)."""
-    from .weights import vocabulary
+    from localmix.native.weights import vocabulary
 
     tokens = vocabulary(path).tokenize(text.encode("utf-8"), add_bos=True, special=False)
     return compute_imatrix(path, tokens, n_ctx, progress)

@@ -1,6 +1,6 @@
 """A GGUF's weights as views of its memory map, and the hyperparameters the forward needs.
 
-`load_weights(path)` checks the file (`gguf_check`), maps it (`gguf.GGUFReader`) and hands
+`load_weights(path)` checks the file (`gguf.check`), maps it (`gguf.GGUFReader`) and hands
 each tensor out as a `Tensor`: a numpy view of the mapped bytes, never a copy, with its GGML
 type and logical shape. What a view holds is what `kernels.matmul.matmul` takes:
     F32 / F16    float32 / float16 (rows, cols)
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-from .errors import InputError
-from .gguf_check import _Reader, check_gguf
-from .info import field_value
+from localmix.errors import InputError
+from localmix.gguf.check import _Reader, check_gguf
+from localmix.gguf.read import field_value
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def _view(t) -> Tensor:
 
 
 def hparams(path: Path, reader) -> HParams:
-    """The hyperparameters, from the `llama.*` metadata as `gguf_check` reads them."""
+    """The hyperparameters, from the `llama.*` metadata as `gguf.check` reads them."""
     s = check_gguf(path)
     if s.architecture != "llama":
         raise InputError(f"{path} is a {s.architecture!r} model; the native engine runs llama-architecture "
@@ -121,7 +121,7 @@ def hparams(path: Path, reader) -> HParams:
 def load_weights(path: str | Path) -> Weights:
     """Map the GGUF at `path`; every tensor is a view of the mapping."""
     path = Path(path)
-    reader = _Reader(path)  # gguf_check's GGUFReader: bounds-checked and faster on large vocabularies
+    reader = _Reader(path)  # gguf.check's GGUFReader: bounds-checked and faster on large vocabularies
     hp = hparams(path, reader)
     by_name = {t.name: _view(t) for t in reader.tensors}
 

@@ -3,7 +3,7 @@
 Asked of llama.cpp's own backend device API (`ggml_backend_dev_count/get/type/memory`, bound
 with ctypes from the libggml that llama-cpp-python ships), so localmix sees exactly the
 devices llama.cpp will use: CUDA cards report their free memory, Metal reports the
-recommended working set of unified memory. RAM comes from gguf_check.available_memory.
+recommended working set of unified memory. RAM comes from memory.available_memory.
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ def devices() -> list[Device]:
 def buffer_type(name: str) -> int:
     """The address of the buffer type llama.cpp calls `name` ("CPU", "CUDA0", "Metal"...): a
     device's default buffer type, as llama.cpp's --override-tensor looks them up."""
-    from .errors import InputError
-
     import llama_cpp
+
+    from localmix.errors import InputError
 
     llama_cpp.llama_backend_init()
     base, ggml = _libs()
@@ -95,7 +95,7 @@ def gpu_budget() -> tuple[str, int] | None:
 def machine(vram: str | None = None, ram: str | None = None, metal: bool = False) -> tuple[str, int | None, int]:
     """(device kind, GPU budget or None, RAM budget) of this machine, or of the one that
     `vram`/`ram` describe ("24GiB"; `metal`: the VRAM is a Mac's Metal working set)."""
-    from .gguf_check import available_memory
+    from localmix.runtime.memory import available_memory
 
     ram_bytes = parse_size(ram) if ram else available_memory()
     if vram:
@@ -106,7 +106,7 @@ def machine(vram: str | None = None, ram: str | None = None, metal: bool = False
 
 def parse_size(text: str) -> int:
     """'24GiB', '24G', '24GB', '512MiB', '1.5T' -> bytes (G and GB taken as GiB, as people mean them)."""
-    from .errors import InputError
+    from localmix.errors import InputError
 
     t = text.strip().upper().replace(" ", "")
     units = {"T": 1 << 40, "G": 1 << 30, "M": 1 << 20, "K": 1 << 10, "": 1}

@@ -17,7 +17,7 @@ import ctypes
 import threading
 from contextlib import contextmanager
 
-from .planner import Plan
+from localmix.runtime.planner import Plan
 
 _LOCK = threading.Lock()
 
@@ -33,7 +33,7 @@ def override_array(overrides: list[tuple[str, str]]) -> ctypes.Array | None:
     The patterns are C++ std::regex searches on tensor names, as llama.cpp's own flags."""
     if not overrides:
         return None
-    from .devices import buffer_type
+    from localmix.runtime.devices import buffer_type
 
     array = (BufferTypeOverride * (len(overrides) + 1))()  # zeroed: the last entry is the terminator
     for entry, (pattern, buft_name) in zip(array, overrides):

@@ -74,7 +74,7 @@ def kv_cache_bytes(d: ModelDims, n_ctx: int, kv_type: str = "f16") -> int:
 
 
 def compute_bytes(d: ModelDims, n_ctx: int, n_ubatch: int = 512) -> int:
-    """llama.cpp's compute buffer: its widest step over a micro-batch (see gguf_check)."""
+    """llama.cpp's compute buffer: its widest step over a micro-batch (see memory.estimate_memory)."""
     ub = min(n_ctx, n_ubatch)
     widest = max(d.n_vocab, (d.n_head + 1) * n_ctx, 3 * d.n_ff * max(d.n_expert_used, 1))
     return 4 * ub * (widest + 8 * d.n_embd)
@@ -141,8 +141,8 @@ def plan(tensors: list[tuple[str, int]], dims: ModelDims, n_ctx: int, gpu_budget
 
 def preset_plan(preset: str, file_type: str, n_ctx: int, gpu_budget: int | None, ram_budget: int | None = None,
                 device: str = "gpu", n_cpu_moe: int | None = None) -> Plan:
-    """Plan for a preset model (localmix/presets.py), with no file at hand."""
-    from .presets import preset_config, preset_tensors
+    """Plan for a preset model (localmix.convert.presets), with no file at hand."""
+    from localmix.convert.presets import preset_config, preset_tensors
 
     cfg = preset_config(preset)
     dims = ModelDims(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
@@ -154,7 +154,7 @@ def preset_plan(preset: str, file_type: str, n_ctx: int, gpu_budget: int | None,
 def file_plan(path, n_ctx: int, gpu_budget: int | None, ram_budget: int | None = None, device: str = "gpu",
               n_cpu_moe: int | None = None) -> Plan:
     """Plan for a GGUF file, from its tensor table alone (the weights are not read)."""
-    from .gguf_check import check_gguf
+    from localmix.gguf.check import check_gguf
 
     s = check_gguf(path)
     dims = ModelDims(s.n_layer or 0, s.n_embd or 0, s.n_head or 0, s.n_head_kv or 0, s.head_dim or 0, s.n_vocab,
@@ -165,7 +165,7 @@ def file_plan(path, n_ctx: int, gpu_budget: int | None, ram_budget: int | None =
 
 def placement_line(p: Plan) -> str:
     """The plan in one line, for `/show` and `run --verbose`."""
-    from .info import human_bytes as h
+    from localmix.units import human_bytes as h
 
     sizes = f"weights {h(p.weights_bytes)}, KV cache {h(p.kv_bytes)}, compute ~{h(p.compute_bytes)}"
     if p.device == "cpu":

@@ -34,8 +34,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import InputError
-from .info import field_value, open_gguf
+from localmix.errors import InputError
+from localmix.gguf.read import field_value, open_gguf
 
 TEMPLATE_KEY = "tokenizer.chat_template"
 SYSTEM_JOIN = "\n\n"  # mistral-common's separator between system prompts and the user message

@@ -20,7 +20,7 @@ import numpy as np
 from gguf import GGUFReader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from localmix.tiny import make_tiny_checkpoint  # noqa: E402
+from localmix.fixtures.tiny import make_tiny_checkpoint
 
 CASES = {"mixtral": {}, "mistral": {"dense": True}}
 TYPES = ["f32", "f16", "bf16", "q8_0"]

@@ -21,9 +21,8 @@ all the same, so that the result does not depend on the batch size).
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES
+from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as QType
-from gguf import quants
 
 from . import decode, dot
 

@@ -17,10 +17,9 @@ Levels are kept as float32 (exact small integers) so the loops never leave 32-bi
 from __future__ import annotations
 
 import numpy as np
-
 from numba import njit
 
-from .common import F, GROUP_MAX_EPS, jit
+from .common import GROUP_MAX_EPS, F, jit
 
 # The searches are inlined (numba IR) into each caller, which passes the element count as a
 # constant: LLVM then unrolls the loop over elements, sees every offset into S as a constant

@@ -24,10 +24,45 @@ from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
 from .common import fp32_to_fp16, nearest_int
-from .kquants import Q2_D, Q2_DMIN, Q2_QS, Q2_SC, Q3_D, Q3_HM, Q3_QS, Q3_SC, Q4_D, Q4_DMIN, Q4_QS, Q4_SC, Q5_D
-from .kquants import Q5_DMIN, Q5_QH, Q5_QS, Q5_SC, Q6_D, Q6_QH, Q6_QL, Q6_SC
-from .legacy import Q4_0_D, Q4_0_QS, Q4_1_D, Q4_1_M, Q4_1_QS, Q5_0_D, Q5_0_QH, Q5_0_QS, Q5_1_D, Q5_1_M, Q5_1_QH
-from .legacy import Q5_1_QS, Q8_0_D, Q8_0_QS
+from .kquants import (
+    Q2_D,
+    Q2_DMIN,
+    Q2_QS,
+    Q2_SC,
+    Q3_D,
+    Q3_HM,
+    Q3_QS,
+    Q3_SC,
+    Q4_D,
+    Q4_DMIN,
+    Q4_QS,
+    Q4_SC,
+    Q5_D,
+    Q5_DMIN,
+    Q5_QH,
+    Q5_QS,
+    Q5_SC,
+    Q6_D,
+    Q6_QH,
+    Q6_QL,
+    Q6_SC,
+)
+from .legacy import (
+    Q4_0_D,
+    Q4_0_QS,
+    Q4_1_D,
+    Q4_1_M,
+    Q4_1_QS,
+    Q5_0_D,
+    Q5_0_QH,
+    Q5_0_QS,
+    Q5_1_D,
+    Q5_1_M,
+    Q5_1_QH,
+    Q5_1_QS,
+    Q8_0_D,
+    Q8_0_QS,
+)
 
 F, I16, I32, I64 = np.float32, np.int16, np.int32, np.int64
 QK_K, QK = 256, 32  # elements per K-quant super-block, per legacy block

@@ -26,12 +26,66 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .dot import FP16, I16, I32, I64, LEGACY, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, QK, F
-from .dot import KQUANTS, ROWS_PER_TASK, inline, parallel
-from .kquants import Q2_D, Q2_DMIN, Q2_QS, Q2_SC, Q3_D, Q3_HM, Q3_QS, Q3_SC, Q4_D, Q4_DMIN, Q4_QS, Q4_SC, Q5_D
-from .kquants import Q5_DMIN, Q5_QH, Q5_QS, Q5_SC, Q6_D, Q6_QH, Q6_QL, Q6_SC
-from .legacy import Q4_0_D, Q4_0_QS, Q4_1_D, Q4_1_M, Q4_1_QS, Q5_0_D, Q5_0_QH, Q5_0_QS, Q5_1_D, Q5_1_M, Q5_1_QH
-from .legacy import Q5_1_QS, Q8_0_D, Q8_0_QS
+from .dot import (
+    FP16,
+    I32,
+    I64,
+    KQUANTS,
+    LEGACY,
+    Q2_K,
+    Q3_K,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q5_0,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    QK,
+    ROWS_PER_TASK,
+    F,
+    inline,
+    parallel,
+)
+from .kquants import (
+    Q2_D,
+    Q2_DMIN,
+    Q2_QS,
+    Q2_SC,
+    Q3_D,
+    Q3_HM,
+    Q3_QS,
+    Q3_SC,
+    Q4_D,
+    Q4_DMIN,
+    Q4_QS,
+    Q4_SC,
+    Q5_D,
+    Q5_DMIN,
+    Q5_QH,
+    Q5_QS,
+    Q5_SC,
+    Q6_D,
+    Q6_QH,
+    Q6_QL,
+    Q6_SC,
+)
+from .legacy import (
+    Q4_0_D,
+    Q4_0_QS,
+    Q4_1_D,
+    Q4_1_M,
+    Q4_1_QS,
+    Q5_0_D,
+    Q5_0_QH,
+    Q5_0_QS,
+    Q5_1_D,
+    Q5_1_M,
+    Q5_1_QH,
+    Q5_1_QS,
+    Q8_0_D,
+    Q8_0_QS,
+)
 
 TYPES = KQUANTS | LEGACY
 AHEAD = 2048  # bytes: how far ahead of the block being read the next are asked for

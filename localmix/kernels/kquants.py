@@ -15,8 +15,23 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
-from .common import (F, I, GROUP_MAX_EPS, QK_K, i8, jit, layout, make_q3_quants, make_qkx2_quants, make_qkx3_quants,
-                     make_qp_quants, make_qx_quants, nearest_int, put_f16, u8)
+from .common import (
+    GROUP_MAX_EPS,
+    QK_K,
+    F,
+    I,
+    i8,
+    jit,
+    layout,
+    make_q3_quants,
+    make_qkx2_quants,
+    make_qkx3_quants,
+    make_qp_quants,
+    make_qx_quants,
+    nearest_int,
+    put_f16,
+    u8,
+)
 
 # Block layouts, as in ggml-common.h: each field's byte offset, then the block's size.
 Q2_SC, Q2_QS, Q2_D, Q2_DMIN, Q2_BYTES = layout(T.Q2_K, ("scales", 16), ("qs", 64), ("d", 2), ("dmin", 2))

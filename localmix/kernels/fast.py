@@ -21,7 +21,7 @@ from numba import njit, prange
 from . import kquants as K
 from . import legacy as G
 from .batched import FMIN, LB, NL, SCALE, SIZE, W, X, nint, q3_search, qkx_search, qx_search
-from .common import F, I, QK_K, jit, put_f16, u8
+from .common import QK_K, F, I, jit, put_f16, u8
 
 
 @jit

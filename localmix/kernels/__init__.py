@@ -1,8 +1,7 @@
 """Numeric kernels: float32 rows -> the bytes of a GGML tensor type, and back.
 
-Imported as `localmix.kernels` (the folder sits at the top of the repository; a top-level
-package named `kernels` would shadow Hugging Face's). Each type is a pair of pure functions
-over rows whose length is a multiple of the type's block size.
+Each type is a pair of pure functions over rows whose length is a multiple of the type's
+block size. The bottom stage: it imports nothing else of localmix.
 
 The quantized types are this project's own kernels, ports of llama.cpp's ggml-quants.c that
 write the bytes `ggml_quantize_chunk` writes, with or without an importance matrix:
@@ -43,7 +42,7 @@ def _cache_dir() -> str:
 if not os.environ.get("NUMBA_CACHE_DIR"):  # the user's own choice wins
     numba.config.CACHE_DIR = _cache_dir()
 
-from . import common, fast, kquants, legacy  # noqa: E402  (after the cache folder is set)
+from . import common, fast, kquants, legacy
 
 QType = GGMLQuantizationType
 

@@ -1,0 +1,39 @@
+"""`localmix info` on the terminal: the summary from `gguf.info.describe` as a rich table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from localmix.gguf.info import HPARAMS
+from localmix.units import human_bytes, human_count
+
+
+def render(info: dict[str, Any]):
+    """Rich renderables for `localmix info`."""
+    from rich.table import Table
+
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("file", info["path"])
+    t.add_row("name", str(info["name"]))
+    t.add_row("architecture", f"{info['architecture']}  (GGUF v{info['gguf_version']})")
+    t.add_row("file type", str(info["file_type"]))
+    for label, key in HPARAMS:
+        if key in info["hyperparameters"]:
+            t.add_row(label, f"{info['hyperparameters'][key]:g}" if isinstance(info["hyperparameters"][key], float)
+                      else str(info["hyperparameters"][key]))
+    p, b = info["parameters"], info["bytes"]
+    t.add_row("parameters", f"{human_count(p['total'])} total, {human_count(p['active_per_token'])} active per token")
+    t.add_row("size", f"{human_bytes(b['total'])}  ({info['bits_per_weight']} bits per weight)")
+    if p["experts"]:
+        t.add_row("  experts", f"{human_bytes(b['experts'])}  ({human_count(p['experts'])} parameters)")
+    t.add_row("  other" if p["experts"] else "  tensors", f"{human_bytes(b['other'])}  ({human_count(p['other'])} parameters)")
+    t.add_row("tensor types", ", ".join(f"{k} ×{v}" for k, v in info["tensor_types"].items()))
+    tok = info["tokenizer"]
+    t.add_row("tokenizer", f"{tok['model']}, {tok['vocab_size']} tokens, BOS {tok['bos_token_id']}, "
+              f"EOS {tok['eos_token_id']}, add BOS {tok['add_bos_token']}")
+    ct = info["chat_template"]
+    t.add_row("chat template", "none" if ct is None else
+              f"{ct['format']} format, {ct['length']} characters, {'with' if ct['system_role'] else 'no'} system role")
+    return t

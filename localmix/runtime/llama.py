@@ -1,0 +1,60 @@
+"""The llama.cpp engine: llama.cpp through llama-cpp-python, the GGUF memory-mapped and its
+tensors placed by the memory planner (planner.py, offload.py), behind the streaming
+interface of stream.py.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from localmix.errors import InputError
+from localmix.runtime.offload import load_llama
+from localmix.runtime.planner import Plan
+from localmix.runtime.stream import ContextOverflow, Done, Piece, Sampling, common_prefix, reply_events
+
+
+class LlamaCppEngine:
+    """llama.cpp through llama-cpp-python, the GGUF memory-mapped. The KV cache is kept
+    between calls: a prompt that extends the previous one evaluates only the new tokens."""
+
+    def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None, verbose: bool = False,
+                 plan: Plan | None = None, n_gpu_layers: int | None = None, repack: bool = False, **llama_kwargs):
+        self.path, self.plan = Path(path), plan
+        try:
+            self.llm = load_llama(str(self.path), plan, n_gpu_layers, repack, n_ctx=n_ctx or 0, n_batch=512,
+                                  use_mmap=True, n_threads=n_threads or os.cpu_count(), verbose=verbose, **llama_kwargs)
+        except ValueError as e:  # llama-cpp-python's way of saying the load failed
+            raise InputError(f"llama.cpp could not load {self.path}: {e}") from None
+        # llama.cpp rounds the context up to a multiple of 256; llama-cpp-python's token
+        # buffer keeps the size asked for, so the smaller of the two is what we can use
+        self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
+        self.metadata = dict(self.llm.metadata)
+        self.vocab = self.llm  # tokenize(bytes, add_bos, special), detokenize, token_bos, token_eos
+        self._lock = threading.Lock()
+
+    def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
+
+    def generate(self, tokens: list[int], sampling: Sampling | None = None,
+                 cancel: threading.Event | None = None) -> Iterator[Piece | Done]:
+        s = sampling or Sampling()
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflow(len(tokens), self.n_ctx)
+        llm = self.llm
+        cached = common_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens)
+        if s.seed is not None:
+            llm.set_seed(s.seed)
+        with self._lock:
+            stream = llm.generate(tokens, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
+                                  repeat_penalty=s.repeat_penalty, reset=True)
+            try:
+                yield from reply_events(stream, lambda t: llm.detokenize([t]), llm.token_eos(), len(tokens),
+                                        len(tokens) - cached, self.n_ctx, s, cancel)
+            finally:
+                stream.close()
