@@ -10,6 +10,56 @@ MAC_32_WORKING_SET = int(21.3 * GiB)  # Metal's recommendedMaxWorkingSetSize on 
 MAC_64_WORKING_SET = 48 * GiB
 
 
+# The published configs (config.json of mistralai/Mixtral-8x7B-v0.1 and Mixtral-8x22B-v0.1):
+# hidden, ffn, layers, query heads, KV heads, vocabulary, experts
+CONFIGS = {"mixtral-8x7b": (4096, 14336, 32, 32, 8, 32000, 8), "mixtral-8x22b": (6144, 16384, 56, 48, 8, 32768, 8)}
+# ggml-common.h: (weights, bytes) per block
+BLOCKS = {"F32": (1, 4), "Q8_0": (32, 34), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176),
+          "Q6_K": (256, 210)}
+# layers whose ffn_down gets more bits (llama.cpp's use_more_bits: the first and last eighth of
+# the layers and every third one between), written out
+MORE_BITS = {32: [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31],
+             56: [0, 1, 2, 3, 4, 5, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42, 45, 48, 49, 50, 51, 52, 53, 54, 55]}
+
+
+def nbytes(qtype: str, *shape: int) -> int:
+    weights, block_bytes = BLOCKS[qtype]
+    n = 1
+    for d in shape:
+        n *= d
+    return n // weights * block_bytes
+
+
+def expected_file_bytes(preset: str, file_type: str) -> int:
+    """The weights of llama.cpp's Mixtral file, computed from the config and llama.cpp's rules
+    for 8 experts (llama_tensor_get_type): attn_k/attn_v Q8_0, attn_output Q5_K, output Q6_K,
+    norms and the router F32; ffn_down Q6_K on MORE_BITS layers for Q4_K_M, Q5_K on the first
+    sixteenth of the layers and Q4_K elsewhere for Q3_K_M."""
+    d, ff, n_layer, n_head, n_kv, vocab, n_exp = CONFIGS[preset]
+    base = {"Q4_K_M": "Q4_K", "Q3_K_M": "Q3_K"}[file_type]
+    kv = n_kv * (d // n_head)  # rows of attn_k and attn_v
+    total = nbytes(base, vocab, d) + nbytes("Q6_K", vocab, d) + nbytes("F32", d)  # token_embd, output, output_norm
+    for i in range(n_layer):
+        total += nbytes(base, d, d) + 2 * nbytes("Q8_0", kv, d) + nbytes("Q5_K", d, d)  # attn_q, attn_k + attn_v, attn_output
+        total += 2 * nbytes("F32", d) + nbytes("F32", n_exp, d)  # attn_norm, ffn_norm, ffn_gate_inp
+        total += 2 * nbytes(base, n_exp, ff, d)  # ffn_gate_exps, ffn_up_exps
+        if file_type == "Q4_K_M":
+            down = "Q6_K" if i in MORE_BITS[n_layer] else "Q4_K"
+        else:
+            down = "Q5_K" if i < n_layer // 16 else "Q4_K"
+        total += nbytes(down, n_exp, d, ff)  # ffn_down_exps
+    return total
+
+
+@pytest.mark.parametrize("preset", list(CONFIGS))
+@pytest.mark.parametrize("file_type", ["Q3_K_M", "Q4_K_M"])
+def test_preset_totals_equal_the_sizes_computed_from_the_configs(preset, file_type):
+    """Measured: 8x7B Q3_K_M 22,545,711,104 bytes, Q4_K_M 28,447,727,616 (the synthetic files
+    llama.cpp loads are these plus ~1 MB of metadata and tokenizer); 8x22B Q3_K_M
+    67,800,293,376, Q4_K_M 85,598,035,968."""
+    assert sum(t.n_bytes for t in preset_tensors(preset, file_type)) == expected_file_bytes(preset, file_type)
+
+
 def test_preset_sizes_match_llama_cpp_files():
     sizes = {t: sum(x.n_bytes for x in preset_tensors("mixtral-8x7b", t)) / 1e9 for t in ("Q3_K_M", "Q4_K_M")}
     assert sizes["Q3_K_M"] == pytest.approx(22.5, abs=0.1) and sizes["Q4_K_M"] == pytest.approx(28.4, abs=0.1)
@@ -36,19 +86,43 @@ def test_3090_puts_only_some_layers_experts_of_q4_k_m_on_the_cpu():
     assert not re.search(pattern, "blk.31.ffn_up_exps.weight")
 
 
-@pytest.mark.parametrize("preset,file_type", [("mixtral-8x7b", "Q3_K_M"), ("mixtral-8x7b", "Q4_K_M"),
-                                              ("mixtral-8x22b", "Q3_K_M"), ("mixtral-8x22b", "Q4_K_M")])
-@pytest.mark.parametrize("machine", ["3090", "mac32", "mac64", "laptop16"])
+# (preset, type, machine): (fits, layers whose experts stay on the CPU), at 8K context, as
+# measured; on the GPU machines every plan keeps as few layers' experts on the CPU as it can
+PLANS = {
+    ("mixtral-8x7b", "Q3_K_M", "3090"): (True, 0), ("mixtral-8x7b", "Q3_K_M", "mac32"): (True, 3),
+    ("mixtral-8x7b", "Q3_K_M", "mac64"): (True, 0), ("mixtral-8x7b", "Q3_K_M", "laptop16"): (False, 0),
+    ("mixtral-8x7b", "Q4_K_M", "3090"): (True, 6), ("mixtral-8x7b", "Q4_K_M", "mac32"): (True, 10),
+    ("mixtral-8x7b", "Q4_K_M", "mac64"): (True, 0), ("mixtral-8x7b", "Q4_K_M", "laptop16"): (False, 0),
+    # 8x22B's experts outgrow a 24 or 32 GiB machine's RAM: the plan runs, but says it does not fit
+    ("mixtral-8x22b", "Q3_K_M", "3090"): (False, 40), ("mixtral-8x22b", "Q3_K_M", "mac32"): (False, 42),
+    ("mixtral-8x22b", "Q3_K_M", "mac64"): (True, 17), ("mixtral-8x22b", "Q3_K_M", "laptop16"): (False, 0),
+    ("mixtral-8x22b", "Q4_K_M", "3090"): (False, 44), ("mixtral-8x22b", "Q4_K_M", "mac32"): (False, 46),
+    ("mixtral-8x22b", "Q4_K_M", "mac64"): (True, 26), ("mixtral-8x22b", "Q4_K_M", "laptop16"): (False, 0),
+}
+MACHINES = {"3090": (RTX_3090, 24 * GiB, "gpu"), "mac32": (MAC_32_WORKING_SET, 32 * GiB, "metal"),
+            "mac64": (MAC_64_WORKING_SET, 64 * GiB, "metal"), "laptop16": (None, 16 * GiB, "cpu")}
+
+
+@pytest.mark.parametrize("preset,file_type,machine", list(PLANS), ids=["-".join(k) for k in PLANS])
 def test_every_plan_stays_within_its_budget(preset, file_type, machine):
-    budget, ram, device = {"3090": (RTX_3090, 24 * GiB, "gpu"), "mac32": (MAC_32_WORKING_SET, 32 * GiB, "metal"),
-                           "mac64": (MAC_64_WORKING_SET, 64 * GiB, "metal"), "laptop16": (None, 16 * GiB, "cpu")}[machine]
+    budget, ram, device = MACHINES[machine]
     p = preset_plan(preset, file_type, 8192, budget, ram, device=device if budget else "gpu")
+    fits, n_cpu_layers = PLANS[preset, file_type, machine]
+    assert (p.fits, len(p.cpu_expert_layers)) == (fits, n_cpu_layers)
+    assert (p.advice is None) == p.fits  # advice exactly when it does not fit
     if budget is None:
         assert p.device == "cpu" and p.gpu_bytes == 0 and p.cpu_bytes == p.weights_bytes
-        assert not p.fits and "smaller quant" in p.advice  # none of these fit 16 GiB of RAM
-    else:
-        assert p.gpu_bytes <= budget
-        assert p.fits == (p.cpu_bytes <= ram) or p.advice
+        assert "smaller quant" in p.advice  # none of these fit 16 GiB of RAM
+        return
+    assert p.gpu_bytes <= budget
+    assert p.fits == (p.cpu_bytes <= ram)  # the GPU side always fits here; RAM decides
+    if not p.fits:
+        assert "RAM" in p.advice and "smaller quant" in p.advice
+    if p.cpu_expert_layers:  # one layer fewer on the CPU would overflow the GPU
+        layer = p.cpu_expert_layers[-1]
+        experts = sum(t.n_bytes for t in preset_tensors(preset, file_type)
+                      if EXPERT.match(t.name) and int(t.name.split(".")[1]) == layer)
+        assert p.gpu_bytes + experts > budget
 
 
 def test_mac_64_holds_mixtral_8x7b_q4_k_m_whole():
