@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES
 
 from localmix import kernels
-from localmix.kernels import QType, dot_ref
-from localmix.kernels.matmul import matmul, matmul_ref
+from localmix.kernels import QType, dot, dot_ref, kquants, legacy
+from localmix.kernels.matmul import PREFILL_BLAS_T, matmul, matmul_ref
 
 QUANTIZED = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
              QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0]
 CASES = [(t, k) for t in QUANTIZED for k in (256, 4096)] + [(QType.Q4_K, 14336)]
 FLOAT_SLACK = 1e-5
+# activation rows: decode (1), prefill through the integer kernels (3, 17), and from
+# PREFILL_BLAS_T on, the legacy types' dequantize + BLAS path (32)
+BATCHES = (1, 3, 17, 32)
 
 
 def weight_rows(k: int, rng) -> np.ndarray:
@@ -70,7 +72,8 @@ def test_matmul_quantized(qtype, k):
     w_float = kernels.dequantize(w, qtype).reshape(-1, k)
     assert np.array_equal(dot_ref.dequantize(w, qtype), w_float)  # the decomposition reads the bytes as gguf does
     block = 256 if qtype.name.endswith("_K") else 32
-    for t in (1, 3, 17):
+    assert BATCHES[-1] >= PREFILL_BLAS_T > BATCHES[-2]
+    for t in BATCHES:
         x = activations(t, k, rng)
         fast, plain, ref = matmul(x, w, qtype), dot_ref.matmul(x, w, qtype), matmul_ref(x, w, qtype)
         assert fast.shape == (t, w.shape[0]) and fast.dtype == np.float32
@@ -112,14 +115,19 @@ def test_read_only_memmap_slice(tmp_path):
             assert np.all(np.abs(matmul(x[:t], mapped[1], qtype) - matmul(x[:t], experts[1].copy(), qtype)) <= slack)
 
 
-@pytest.mark.parametrize("qtype", [QType.F32, QType.F16, QType.BF16])
+@pytest.mark.parametrize("qtype", [QType.F32, QType.F16, QType.BF16], ids=["F32", "F16", "BF16"])
 def test_matmul_float(qtype):
+    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(3)
-    w = kernels.quantize(rng.standard_normal((37, 4096)).astype(np.float32), qtype)  # BF16: raw bytes, as GGUFReader gives
-    w_float = matmul_ref(np.eye(4096, dtype=np.float32), w, qtype).T
+    rows = rng.standard_normal((37, 4096)).astype(np.float32)
+    w = kernels.quantize(rows, qtype)  # BF16: raw bytes, as GGUFReader gives
+    # the stored values, rounded by torch (round to nearest even), not by localmix or gguf
+    dtype = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}[qtype]
+    w_float = torch.from_numpy(rows).to(dtype).float().numpy()
     if qtype == QType.BF16:
         assert w.dtype == np.uint8 and w.shape == (37, 8192)
         assert np.array_equal(matmul(np.eye(4096, dtype=np.float32)[:5], w.view(np.uint16), qtype), w_float[:, :5].T)
+    assert np.array_equal(matmul(np.eye(4096, dtype=np.float32)[:7], w, qtype), w_float[:, :7].T)
     for t in (1, 17):
         x = activations(t, 4096, rng)
         exact = x.astype(np.float64) @ w_float.astype(np.float64).T
@@ -127,7 +135,43 @@ def test_matmul_float(qtype):
         assert np.all(np.abs(matmul(x, w, qtype) - exact) <= FLOAT_SLACK * scale)
 
 
-def test_block_sizes_from_gguf():
-    """Every type the kernels read has the block size the data in gguf says."""
-    for qtype in QUANTIZED:
-        assert GGML_QUANT_SIZES[qtype][0] == (256 if qtype.name.endswith("_K") else 32)
+# ggml-common.h, written out: weights per block, and each block_* struct's fields as
+# (name, offset); the last entry is the struct's size
+GGML_BLOCKS = {
+    QType.Q4_0: (32, [("d", 0), ("qs", 2), ("", 18)]),
+    QType.Q4_1: (32, [("d", 0), ("m", 2), ("qs", 4), ("", 20)]),
+    QType.Q5_0: (32, [("d", 0), ("qh", 2), ("qs", 6), ("", 22)]),
+    QType.Q5_1: (32, [("d", 0), ("m", 2), ("qh", 4), ("qs", 8), ("", 24)]),
+    QType.Q8_0: (32, [("d", 0), ("qs", 2), ("", 34)]),
+    QType.Q2_K: (256, [("scales", 0), ("qs", 16), ("d", 80), ("dmin", 82), ("", 84)]),
+    QType.Q3_K: (256, [("hmask", 0), ("qs", 32), ("scales", 96), ("d", 108), ("", 110)]),
+    QType.Q4_K: (256, [("d", 0), ("dmin", 2), ("scales", 4), ("qs", 16), ("", 144)]),
+    QType.Q5_K: (256, [("d", 0), ("dmin", 2), ("scales", 4), ("qh", 16), ("qs", 48), ("", 176)]),
+    QType.Q6_K: (256, [("ql", 0), ("qh", 128), ("scales", 192), ("d", 208), ("", 210)]),
+}
+# localmix's own layout constants (kernels/legacy.py, kernels/kquants.py), in the same order
+OUR_LAYOUTS = {
+    QType.Q4_0: (legacy.Q4_0_D, legacy.Q4_0_QS, legacy.Q4_0_BYTES),
+    QType.Q4_1: (legacy.Q4_1_D, legacy.Q4_1_M, legacy.Q4_1_QS, legacy.Q4_1_BYTES),
+    QType.Q5_0: (legacy.Q5_0_D, legacy.Q5_0_QH, legacy.Q5_0_QS, legacy.Q5_0_BYTES),
+    QType.Q5_1: (legacy.Q5_1_D, legacy.Q5_1_M, legacy.Q5_1_QH, legacy.Q5_1_QS, legacy.Q5_1_BYTES),
+    QType.Q8_0: (legacy.Q8_0_D, legacy.Q8_0_QS, legacy.Q8_0_BYTES),
+    QType.Q2_K: (kquants.Q2_SC, kquants.Q2_QS, kquants.Q2_D, kquants.Q2_DMIN, kquants.Q2_BYTES),
+    QType.Q3_K: (kquants.Q3_HM, kquants.Q3_QS, kquants.Q3_SC, kquants.Q3_D, kquants.Q3_BYTES),
+    QType.Q4_K: (kquants.Q4_D, kquants.Q4_DMIN, kquants.Q4_SC, kquants.Q4_QS, kquants.Q4_BYTES),
+    QType.Q5_K: (kquants.Q5_D, kquants.Q5_DMIN, kquants.Q5_SC, kquants.Q5_QH, kquants.Q5_QS, kquants.Q5_BYTES),
+    QType.Q6_K: (kquants.Q6_QL, kquants.Q6_QH, kquants.Q6_SC, kquants.Q6_D, kquants.Q6_BYTES),
+}
+
+
+@pytest.mark.parametrize("qtype", QUANTIZED, ids=[t.name for t in QUANTIZED])
+def test_block_layouts_are_ggml_common_h(qtype):
+    """The kernels' block sizes and field offsets are ggml's (ggml-common.h), and so are the
+    row sizes the products and the writer use."""
+    weights, fields = GGML_BLOCKS[qtype]
+    assert OUR_LAYOUTS[qtype] == tuple(offset for _, offset in fields)
+    assert (dot.QK_K if qtype in dot.KQUANTS else dot.QK) == weights
+    assert qtype in (dot.KQUANTS if weights == 256 else dot.LEGACY)
+    assert kernels.block_size(qtype) == weights
+    assert kernels.row_nbytes(qtype, 4096) == 4096 // weights * fields[-1][1]
+    assert kernels.quantize(np.ones((2, 512), np.float32), qtype).shape == (2, 512 // weights * fields[-1][1])
