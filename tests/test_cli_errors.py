@@ -173,3 +173,35 @@ def test_nan_weight_names_the_tensor(tmp_path):
     shard.write_bytes(bytes(data))
     out = tmp_path / "out.gguf"
     assert_clean_failure(run_localmix("quantize", src, out, "--type", "Q8_0"), out, 2, "blk.1.ffn_down_exps.weight", "NaN")
+
+
+def _legacy_imatrix(entries: dict[str, list[float]]) -> bytes:
+    """llama-imatrix's legacy .dat: entry count; per entry name length, name, ncall 1, values."""
+    import struct
+
+    out = struct.pack("<i", len(entries))
+    for name, values in entries.items():
+        out += struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", 1, len(values))
+        out += struct.pack(f"<{len(values)}f", *values)
+    return out
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"", ["truncated or is not an imatrix file"]),
+    (b"not an imatrix at all, just text", ["is not an imatrix file"]),
+    (b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40, ["not a valid imatrix GGUF"]),
+    (_legacy_imatrix({"blk.0.attn_k.weight": [1.0, float("nan")]}), ["non-finite", "blk.0.attn_k.weight"]),
+    (_legacy_imatrix({"blk.0.attn_q.weight": [1.0, 2.0, 3.0]}), ["blk.0.attn_q.weight", "another model"]),
+], ids=["empty", "text", "garbled-gguf", "nan", "another-model"])
+def test_bad_imatrix(ckpt, tmp_path, content, words):
+    imatrix = tmp_path / "imatrix.dat"
+    imatrix.write_bytes(content)
+    out = tmp_path / "out.gguf"
+    r = run_localmix("quantize", ckpt, out, "--type", "Q4_K_M", "--imatrix", imatrix)
+    assert_clean_failure(r, out, 2, *words)
+
+
+def test_missing_imatrix(ckpt, tmp_path):
+    out = tmp_path / "out.gguf"
+    r = run_localmix("quantize", ckpt, out, "--type", "Q4_K_M", "--imatrix", tmp_path / "nowhere.dat")
+    assert_clean_failure(r, out, 2, "nowhere.dat", "not found")

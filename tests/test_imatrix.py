@@ -20,21 +20,56 @@ def write_legacy(path, entries, chunk_count=None, dataset=None):
             f.write(struct.pack("<i", chunk_count) + struct.pack("<i", len(dataset)) + dataset.encode())
 
 
+def write_llama_gguf(path, entries):
+    """llama.cpp's GGUF imatrix (tools/imatrix, save_imatrix), written with gguf-py alone:
+    NAME.in_sum2 F32 of ggml shape [n_per_row, n_mat], NAME.counts F32 [1, n_mat]."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, arch="imatrix")
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", ["wiki.txt"])
+    w.add_uint32("imatrix.chunk_count", 10)
+    w.add_uint32("imatrix.chunk_size", 512)
+    for name, (sums, counts) in sorted(entries.items()):
+        w.add_tensor(f"{name}.in_sum2", np.asarray(sums, dtype=np.float32))
+        w.add_tensor(f"{name}.counts", np.asarray(counts, dtype=np.float32).reshape(-1, 1))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def test_gguf_format_per_expert(tmp_path):
-    sums = {"blk.0.ffn_down_exps.weight": np.arange(8 * 4, dtype=np.float32).reshape(8, 4) + 1,
-            "blk.0.attn_q.weight": np.array([[2.0, 4.0, 6.0, 8.0]], dtype=np.float32)}
-    counts = {"blk.0.ffn_down_exps.weight": np.array([1, 2, 0, 4, 5, 6, 7, 8], dtype=np.float32),
-              "blk.0.attn_q.weight": np.array([2], dtype=np.float32)}
+    path = tmp_path / "imatrix.gguf"
+    write_llama_gguf(path, {
+        "blk.0.ffn_down_exps.weight": ([[2, 4, 6], [3, 6, 9], [5, 5, 5]], [2, 3, 0]),  # expert 2 saw no token
+        "blk.0.attn_q.weight": ([[2.0, 4.0, 6.0, 8.0]], [2])})
+    im = load_imatrix(path)
+    assert set(im) == {"blk.0.ffn_down_exps.weight", "blk.0.attn_q.weight"}
+    # per expert, the sums over the count; 1s for the expert with none, as llama.cpp's quantizer
+    assert im["blk.0.ffn_down_exps.weight"].tolist() == [1, 2, 3, 1, 2, 3, 1, 1, 1]
+    assert im["blk.0.attn_q.weight"].tolist() == [1, 2, 3, 4]
+    assert tensor_importance(im, "blk.0.ffn_down_exps.weight", (3, 16, 3)).shape == (3, 3)
+
+
+def test_save_imatrix_writes_llama_cpp_layout(tmp_path):
+    """save_imatrix's file, read raw with gguf-py: the keys, shapes and sums llama.cpp writes."""
+    from gguf import GGUFReader
+
+    sums = {"blk.0.ffn_down_exps.weight": np.arange(8 * 4, dtype=np.float32).reshape(8, 4) + 1}
+    counts = {"blk.0.ffn_down_exps.weight": np.array([1, 2, 0, 4, 5, 6, 7, 8], dtype=np.float32)}
     path = tmp_path / "imatrix.gguf"
     save_imatrix(path, sums, counts, ["wiki.txt"], 10, 512)
-    im = load_imatrix(path)
-    assert set(im) == set(sums)
-    exps = im["blk.0.ffn_down_exps.weight"].reshape(8, 4)
-    assert np.array_equal(exps[1], sums["blk.0.ffn_down_exps.weight"][1] / 2)
-    assert np.array_equal(exps[2], np.ones(4))  # an expert that saw no token: 1s, as llama.cpp
-    assert np.array_equal(im["blk.0.attn_q.weight"], [1.0, 2.0, 3.0, 4.0])
-    got = tensor_importance(im, "blk.0.ffn_down_exps.weight", (8, 16, 4))
-    assert got.shape == (8, 4)
+    r = GGUFReader(path)
+    assert r.fields["general.type"].contents() == "imatrix"
+    assert r.fields["imatrix.datasets"].contents() == ["wiki.txt"]
+    assert (r.fields["imatrix.chunk_count"].contents(), r.fields["imatrix.chunk_size"].contents()) == (10, 512)
+    t = {x.name: x for x in r.tensors}
+    assert list(t) == ["blk.0.ffn_down_exps.weight.in_sum2", "blk.0.ffn_down_exps.weight.counts"]
+    assert t["blk.0.ffn_down_exps.weight.in_sum2"].shape.tolist() == [4, 8]
+    assert t["blk.0.ffn_down_exps.weight.counts"].shape.tolist() == [1, 8]
+    assert np.array_equal(np.asarray(t["blk.0.ffn_down_exps.weight.in_sum2"].data), sums["blk.0.ffn_down_exps.weight"])
+    assert load_imatrix(path)["blk.0.ffn_down_exps.weight"][8:12].tolist() == [1, 1, 1, 1]
 
 
 def test_legacy_format(tmp_path):
