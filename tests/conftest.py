@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny checkpoints and their GGUF conversions, built once per session."""
+"""Shared fixtures: tiny checkpoints and their GGUF conversions, built once per session.
+
+Locally a test whose tool or extra is missing (tmux, torch, transformers, mistral-common)
+skips, and `-rs` lists why. Under CI=true (.ci/run) nothing may be missing: a skip, at
+collection or in a test, is reported as a failure.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,29 @@ from localmix.fixtures.tiny import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = min(2, os.cpu_count() or 1)
+
+
+def _under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _fail_skip(report) -> None:
+    if _under_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, where every tool and extra must be present: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skip(outcome.get_result())
 
 
 @pytest.fixture(scope="session")

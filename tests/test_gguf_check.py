@@ -2,7 +2,6 @@
 
 import os
 import re
-import time
 from pathlib import Path
 
 import gguf
@@ -207,12 +206,11 @@ def test_an_unknown_tensor_type_is_caught(raw, reader, tmp_path):
 
 
 def test_a_huge_array_length_fails_fast(raw, reader, tmp_path):
-    # The stock reader would read 2**60 scores one by one.
+    # The stock reader would read 2**60 scores one by one; how fast the check fails is a
+    # figure of benchmarks/bench_check.py, not a test.
     at = part_offset(reader.fields["tokenizer.ggml.scores"], 4)   # key length, key, type, item type, length
     path = write(tmp_path / "bad.gguf", patched(raw, at, 2**60, "<u8"))
-    start = time.perf_counter()
     rejected(path, "the metadata runs past the end of the file")
-    assert time.perf_counter() - start < 5
 
 
 @pytest.mark.parametrize("version, words", [
