@@ -1,11 +1,12 @@
 """An importance matrix computed by localmix's forward guides quantization as llama-imatrix's
 does: Q3_K_M made with it is closer to F32 on text it did not see, and llama.cpp's quantizer
-takes it (and writes the same file our converter writes with it)."""
+takes the values the file holds (read raw with gguf-py) and writes the same file our
+converter writes from the file."""
 
 import numpy as np
 import pytest
 from conftest import llama_logprobs, mean_kl
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from llama_quantize import llama_model_quantize
 
 from localmix.convert.imatrix import load_imatrix
@@ -40,7 +41,7 @@ def outlier_mixtral(tiny_mixtral, tmp_path_factory):
     has nothing to say: measured KL 0.676 with it against 0.666 without.)"""
     import shutil
 
-    import torch
+    torch = pytest.importorskip("torch")
     from safetensors.torch import load_file, save_file
 
     out = tmp_path_factory.mktemp("outlier") / "outlier-mixtral"
@@ -71,10 +72,47 @@ def test_statistics(imatrix, converted):
         else:
             assert counts.tolist() == [n_chunk * N_CTX]
         assert (sums > 0).all() == (counts > 0).all()
-    # the file reads back as llama.cpp's loader reads it: means per column
+    # the file, read raw with gguf-py, has the layout llama.cpp's tools/imatrix writes
+    raw = GGUFReader(path)
+    assert field(raw, "general.type") == "imatrix"
+    assert field(raw, "imatrix.datasets") == ["seen.txt"]
+    for key, value in (("imatrix.chunk_count", n_chunk), ("imatrix.chunk_size", N_CTX)):
+        assert raw.fields[key].types == [GGUFValueType.UINT32] and field(raw, key) == value
+    by_name = {t.name: t for t in raw.tensors}
+    assert sorted(by_name) == sorted(f"{n}{suffix}" for n in im["sums"] for suffix in (".in_sum2", ".counts"))
+    for name, sums in im["sums"].items():
+        s, c = by_name[f"{name}.in_sum2"], by_name[f"{name}.counts"]
+        n_mat, n_per_row = sums.shape
+        assert s.tensor_type == c.tensor_type == GGMLQuantizationType.F32
+        assert s.shape.tolist() == [n_per_row, n_mat] and c.shape.tolist() == [1, n_mat]  # ggml order: ne0 first
+        assert np.array_equal(np.asarray(s.data).reshape(n_mat, n_per_row), sums)
+        assert np.array_equal(np.asarray(c.data).ravel(), im["counts"][name])
+    # and `localmix quantize --imatrix` reads it as llama.cpp's quantizer does: means per column
     loaded = load_imatrix(path)
-    q = "blk.0.attn_q.weight"
-    assert np.allclose(loaded[q], im["sums"][q][0] / im["counts"][q][0], rtol=1e-6)
+    assert loaded.keys() == raw_values(path).keys()
+    for name, values in raw_values(path).items():
+        assert np.array_equal(loaded[name], values), name
+
+
+def field(reader, key):
+    """A metadata value as gguf-py decodes it (strings, string arrays, numbers)."""
+    return reader.fields[key].contents()
+
+
+def raw_values(path) -> dict[str, np.ndarray]:
+    """The importance llama.cpp's quantizer takes from a GGUF imatrix (tools/quantize/
+    quantize.cpp, load_imatrix), read from the raw tensors with gguf-py: per matrix (expert),
+    in_sum2 / count, or 1s where the count is 0."""
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in GGUFReader(path).tensors}
+    values = {}
+    for key in tensors:
+        if key.endswith(".in_sum2"):
+            name = key[: -len(".in_sum2")]
+            counts = tensors[f"{name}.counts"].ravel()
+            sums = tensors[key].reshape(len(counts), -1)
+            values[name] = np.concatenate([sums[e] / np.float32(c) if c > 0 else np.ones_like(sums[e])
+                                           for e, c in enumerate(counts)])
+    return values
 
 
 def test_imatrix_lowers_the_divergence_on_unseen_text(outlier_mixtral, sp, tmp_path):
@@ -94,7 +132,7 @@ def test_imatrix_lowers_the_divergence_on_unseen_text(outlier_mixtral, sp, tmp_p
 def test_llama_cpp_quantizer_takes_it(imatrix, converted, tiny_mixtral, tmp_path):
     _, path = imatrix
     theirs = tmp_path / "theirs.gguf"
-    llama_model_quantize(converted("mixtral", "F32"), theirs, "Q3_K_M", load_imatrix(path))
+    llama_model_quantize(converted("mixtral", "F32"), theirs, "Q3_K_M", raw_values(path))
     ours = convert(tiny_mixtral, tmp_path / "ours.gguf", "Q3_K_M", imatrix=path).path
     a = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(ours).tensors}
     b = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(theirs).tensors}

@@ -8,7 +8,6 @@ from conftest import llama_logprobs, mean_kl
 from gguf import GGUFReader
 from llama_quantize import llama_model_quantize
 
-from localmix.convert.imatrix import load_imatrix, save_imatrix
 from localmix.convert.mix import allows_quantization
 from localmix.convert.pipeline import convert
 from localmix.fixtures.tiny import make_tiny_checkpoint
@@ -35,8 +34,38 @@ def deep(tmp_path_factory):
             sums[t.name] = (rng.gamma(1.0, 1.0, (n_expert, shape[-1])) * counts[t.name][:, None]).astype(np.float32)
     counts["blk.3.ffn_down_exps.weight"][5] = 0
     imatrix = base / "imatrix.gguf"
-    save_imatrix(imatrix, sums, counts, datasets=["random"], chunk_count=10, chunk_size=512)
-    return src, f32, imatrix
+    write_llama_imatrix(imatrix, sums, counts)
+    return src, f32, imatrix, llama_values(sums, counts)
+
+
+def write_llama_imatrix(path, sums, counts):
+    """The GGUF imatrix as llama.cpp's tools/imatrix writes it (save_imatrix), through gguf-py:
+    general.type "imatrix", the datasets, chunk count and size; per weight, NAME.in_sum2 (ggml
+    shape [n_per_row, n_mat]: sums of squared activations) and NAME.counts ([1, n_mat])."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, arch="imatrix")
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", ["random"])
+    w.add_uint32("imatrix.chunk_count", 10)
+    w.add_uint32("imatrix.chunk_size", 512)
+    for name in sorted(sums):
+        w.add_tensor(f"{name}.in_sum2", sums[name])                   # numpy (n_mat, n_per_row)
+        w.add_tensor(f"{name}.counts", counts[name].reshape(-1, 1))  # numpy (n_mat, 1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_values(sums, counts):
+    """What llama.cpp's quantizer makes of those arrays (tools/quantize/quantize.cpp,
+    load_imatrix): per expert, in_sum2 / count, or 1s for an expert that saw no token."""
+    values = {}
+    for name, s in sums.items():
+        per_expert = [s[e] / np.float32(c) if c > 0 else np.ones_like(s[e]) for e, c in enumerate(counts[name])]
+        values[name] = np.concatenate(per_expert).astype(np.float32)
+    return values
 
 
 def tensors(path):
@@ -50,10 +79,10 @@ def kv(path):
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("file_type", ["Q4_K_M", "Q3_K_M", "Q3_K_S", "Q4_K_S", "Q2_K"])
 def test_same_file_as_llama_model_quantize(file_type, with_imatrix, deep, tmp_path):
-    src, f32, imatrix = deep
+    src, f32, imatrix, values = deep
     ours = convert(src, tmp_path / "ours.gguf", file_type, imatrix=imatrix if with_imatrix else None).path
     theirs = tmp_path / "theirs.gguf"
-    llama_model_quantize(f32, theirs, file_type, load_imatrix(imatrix) if with_imatrix else None)
+    llama_model_quantize(f32, theirs, file_type, values if with_imatrix else None)
     a, b = tensors(ours), tensors(theirs)
     assert a.keys() == b.keys()
     for name in b:
@@ -66,7 +95,7 @@ def test_same_file_as_llama_model_quantize(file_type, with_imatrix, deep, tmp_pa
 
 def test_gguf_source_gives_the_same_file(deep, tmp_path):
     """`localmix quantize model-F32.gguf` equals the one-pass conversion from the checkpoint."""
-    src, f32, _ = deep
+    src, f32, _, _ = deep
     direct = convert(src, tmp_path / "direct.gguf", "Q3_K_M").path
     via = convert(f32, tmp_path / "via.gguf", "Q3_K_M").path
     assert tensors(direct) == tensors(via)
@@ -114,5 +143,6 @@ def test_fallbacks_and_dense_mixes_match_llama_model_quantize(model, file_type, 
     llama_model_quantize(f32, theirs, file_type)
     a, b = tensors(ours), tensors(theirs)
     assert a == b
+    assert kv(ours) == kv(theirs)  # file type, quantization version, hyper-parameters, tokenizer
     if model == "odd":  # rows of 384 and 480 fit no 256-block: the 32-block fallbacks were used
         assert {t for t, _, _ in a.values()} & {"Q4_0", "Q5_0", "Q5_1", "Q8_0"}
