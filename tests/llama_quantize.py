@@ -6,6 +6,7 @@ import ctypes
 from pathlib import Path
 
 import numpy as np
+from gguf import LlamaFileType
 
 from localmix.convert.mix import FILE_TYPES
 
@@ -16,7 +17,8 @@ def llama_model_quantize(src: Path, out: Path, file_type: str, imatrix: dict[str
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = nthread
-    params.ftype = int(FILE_TYPES[file_type][0])
+    # localmix's file types, or any other of llama.cpp's (Q4_0, Q4_1, Q5_0, Q5_1: llama.cpp's own files)
+    params.ftype = int(FILE_TYPES[file_type][0] if file_type in FILE_TYPES else LlamaFileType[f"MOSTLY_{file_type}"])
     keep = []  # every ctypes object must outlive the call
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
