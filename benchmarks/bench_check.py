@@ -5,7 +5,7 @@ A tiny Mixtral Q8_0 file is written (localmix.fixtures.tiny, converted), then a 
 by one). Both readers are timed on the valid file and on the broken one, best of --repeat:
 `check_gguf` (localmix.gguf.check, what `chat`/`run`/`info` run before llama.cpp sees a file)
 and llama.cpp opening the file with only its vocabulary (`Llama(vocab_only=True)`, which
-parses the whole header and the metadata). Prints the times and the ratio.
+parses the whole header and the metadata). Prints the times and the speed ratio.
 
     python benchmarks/bench_check.py [--repeat 5]
 """
@@ -69,7 +69,7 @@ def main() -> None:
         tmp = Path(tmp)
         model = convert(make_tiny_checkpoint(tmp / "ckpt"), tmp / "tiny-Q8_0.gguf", "Q8_0").path
         bad = huge_array(model, tmp / "huge-array.gguf")
-        print(f"{'file':28} {'check_gguf':>11} {'llama.cpp':>11} {'ratio':>7}")
+        print(f"{'file':28} {'check_gguf':>11} {'llama.cpp':>11}  check_gguf's speed / llama.cpp's")
         for label, path in ((f"valid ({model.stat().st_size / 1e6:.0f} MB)", model), ("scores length 2**60", bad)):
             ours, theirs = best(lambda: localmix_check(path), args.repeat), best(lambda: llama_cpp_open(path), args.repeat)
             print(f"{label:28} {ours * 1e3:8.1f} ms {theirs * 1e3:8.1f} ms {theirs / ours:6.2f}x")
