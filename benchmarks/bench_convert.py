@@ -3,10 +3,12 @@
 Builds (once, cached in --dir) a one-layer checkpoint with Mixtral 8x7B's widths: hidden
 4096, ffn 14336, 8 experts, 32 query / 8 KV heads, vocab 32000, bf16 (3.4 GB). Converts it
 with localmix to each --type in a subprocess and reports wall time, MB/s of output and peak
-resident memory. With --reference PATH/convert_hf_to_gguf.py (llama.cpp's converter, shipped
-in llama-cpp-python's sdist under vendor/llama.cpp; it needs torch), llama.cpp does the same
-job in the same run and the ratio is printed: for F32/F16/BF16/Q8_0 its converter alone; for
-K-quants its two passes, the converter to F32 and then `llama_model_quantize`.
+resident memory of the converting process alone, anonymous and file-backed apart (sampled
+from /proc: child_memory.py). With --reference PATH/convert_hf_to_gguf.py (llama.cpp's
+converter, shipped in llama-cpp-python's sdist under vendor/llama.cpp; it needs torch),
+llama.cpp does the same job in the same run and the ratio is printed: for F32/F16/BF16/Q8_0
+its converter alone; for K-quants its two passes, the converter to F32 and then
+`llama_model_quantize`.
 
     python benchmarks/bench_convert.py [--types Q4_K_M,F16] [--reference .../convert_hf_to_gguf.py]
 """
@@ -15,11 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from child_memory import GiB, Measured, measure
 
 from localmix.convert.mix import CONVERTER_TYPES
 from localmix.fixtures.tiny import make_tiny_checkpoint
@@ -37,17 +42,6 @@ WIDTHS = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, nu
               num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000)
 
 
-def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
-    """(seconds, peak RSS in bytes) of a command run to completion."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss * 1024
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "localmix-bench")
@@ -62,34 +56,38 @@ def main() -> None:
         print(f"built {src} in {time.perf_counter() - t:.0f} s")
     src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     print(f"source: {src_bytes / 1e9:.2f} GB bf16, {os.cpu_count()} CPUs")
-    print(f"{'type':6} {'tool':10} {'seconds':>8} {'out MB/s':>9} {'peak RSS':>10}")
+    print(f"{'type':6} {'tool':10} {'seconds':>8} {'out MB/s':>9}  peak RSS")
 
     for file_type in args.types.split(","):
         out = args.dir / f"out-{file_type}.gguf"
-        results = {}
-        seconds, rss = measure([sys.executable, "-m", "localmix", "quantize", str(src), str(out), "--type", file_type,
-                                "--force"])
-        results["localmix"] = seconds, rss, out.stat().st_size
+        results: dict[str, tuple[Measured, int]] = {}
+        m = measure([sys.executable, "-m", "localmix", "quantize", str(src), str(out), "--type", file_type, "--force"])
+        results["localmix"] = m, out.stat().st_size
         out.unlink()
         if args.reference and file_type in CONVERTER_TYPES:
-            seconds, rss = measure([sys.executable, str(args.reference), str(src), "--outtype", file_type.lower(),
-                                    "--outfile", str(out)])
-            results["llama.cpp"] = seconds, rss, out.stat().st_size
+            m = measure([sys.executable, str(args.reference), str(src), "--outtype", file_type.lower(),
+                         "--outfile", str(out)])
+            results["llama.cpp"] = m, out.stat().st_size
             out.unlink()
         elif args.reference:  # llama.cpp needs two passes: convert to F32, then quantize
             f32 = args.dir / "reference-F32.gguf"
-            s1, r1 = measure([sys.executable, str(args.reference), str(src), "--outtype", "f32", "--outfile", str(f32)])
+            m1 = measure([sys.executable, str(args.reference), str(src), "--outtype", "f32", "--outfile", str(f32)])
             code = LLAMA_QUANTIZE.format(tests=str(REPO / "tests"), src=str(f32), out=str(out), ftype=file_type,
                                          threads=os.cpu_count())
-            s2, r2 = measure([sys.executable, "-c", code])
-            results["llama.cpp"] = s1 + s2, max(r1, r2), out.stat().st_size
+            m2 = measure([sys.executable, "-c", code])
+            # two processes one after the other: the time of both, the peak of the larger
+            worse = max(m1, m2, key=lambda m: m.peak)
+            results["llama.cpp"] = Measured(m1.seconds + m2.seconds, worse.peak, worse.peak_anon, worse.peak_file), \
+                out.stat().st_size
+            print(f"{file_type:6} llama.cpp: converter {m1.seconds:.1f} s, {m1}; quantizer {m2.seconds:.1f} s, {m2}")
             out.unlink()
             f32.unlink()
-        for tool, (seconds, rss, size) in results.items():
-            print(f"{file_type:6} {tool:10} {seconds:8.1f} {size / 1e6 / seconds:9.0f} {rss / 2**30:8.2f} GiB")
+        for tool, (m, size) in results.items():
+            print(f"{file_type:6} {tool:10} {m.seconds:8.1f} {size / 1e6 / m.seconds:9.0f}  {m}")
         if "llama.cpp" in results:
-            (ts, tr, _), (rs, rr, _) = results["localmix"], results["llama.cpp"]
-            print(f"{file_type:6} ratio: localmix is {rs / ts:.2f}x llama.cpp's speed, with {tr / rr:.2f}x its peak memory")
+            ours, theirs = results["localmix"][0], results["llama.cpp"][0]
+            print(f"{file_type:6} ratio: localmix is {theirs.seconds / ours.seconds:.2f}x llama.cpp's speed, with "
+                  f"{ours.peak / theirs.peak:.2f}x its peak memory ({ours.peak / GiB:.2f} / {theirs.peak / GiB:.2f} GiB)")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Both quantize the same F32 GGUF (Mixtral 8x7B's real widths, one layer: 1.7 B weights,
 6.9 GB; built and cached in --dir) to Q4_K_M and Q3_K_M with the same number of threads:
 `localmix quantize model-F32.gguf ...` and `llama_cpp.llama_model_quantize` (each in its own
-process, so both pay their start-up). Prints both times, the ratio and peak memory, then a
+process, so both pay their start-up). Prints both times, the ratio and each process's peak
+memory (sampled from /proc, anonymous and file-backed apart: child_memory.py), then a
 per-type kernel throughput table: localmix's kernels (numba, N threads and 1 thread) against
 ggml's `ggml_quantize_chunk` (one thread, as llama.cpp calls it per worker).
 
@@ -25,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_convert import LLAMA_QUANTIZE, WIDTHS, measure
+from bench_convert import LLAMA_QUANTIZE, WIDTHS
+from child_memory import measure
 
 from localmix.convert.pipeline import convert
 from localmix.fixtures.tiny import make_tiny_checkpoint
@@ -36,19 +38,19 @@ KERNEL_TYPES = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QTyp
 
 def file_benchmark(f32: Path, types: list[str], threads: int, work: Path) -> None:
     print(f"\nF32 GGUF {f32.stat().st_size / 1e9:.2f} GB -> quantized, {threads} threads")
-    print(f"{'type':7} {'tool':10} {'seconds':>8} {'peak RSS':>10}")
+    print(f"{'type':7} {'tool':10} {'seconds':>8}  peak RSS (of the quantizing process alone)")
     env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
     for file_type in types:
         out = work / f"bench-{file_type}.gguf"
-        ours, ours_rss = measure([sys.executable, "-m", "localmix", "quantize", str(f32), str(out), "--type", file_type,
-                                  "--force"], env=env)
+        ours = measure([sys.executable, "-m", "localmix", "quantize", str(f32), str(out), "--type", file_type,
+                        "--force"], env=env)
         out.unlink()
         code = LLAMA_QUANTIZE.format(tests=str(REPO / "tests"), src=str(f32), out=str(out), ftype=file_type, threads=threads)
-        theirs, theirs_rss = measure([sys.executable, "-c", code])
+        theirs = measure([sys.executable, "-c", code])
         out.unlink()
-        print(f"{file_type:7} {'localmix':10} {ours:8.1f} {ours_rss / 2**30:8.2f} GiB")
-        print(f"{file_type:7} {'llama.cpp':10} {theirs:8.1f} {theirs_rss / 2**30:8.2f} GiB")
-        print(f"{file_type:7} ratio: localmix is {theirs / ours:.2f}x llama.cpp's speed")
+        print(f"{file_type:7} {'localmix':10} {ours.seconds:8.1f}  {ours}")
+        print(f"{file_type:7} {'llama.cpp':10} {theirs.seconds:8.1f}  {theirs}")
+        print(f"{file_type:7} ratio: localmix is {theirs.seconds / ours.seconds:.2f}x llama.cpp's speed")
 
 
 def kernel_benchmark(threads: int) -> None:
