@@ -11,11 +11,12 @@ from localmix.convert.mix import FILE_TYPES
 
 
 def llama_model_quantize(src: Path, out: Path, file_type: str, imatrix: dict[str, np.ndarray] | None = None,
-                         nthread: int = 2) -> None:
+                         nthread: int = 2, allow_requantize: bool = False) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = nthread
+    params.allow_requantize = allow_requantize
     params.ftype = int(FILE_TYPES[file_type][0])
     keep = []  # every ctypes object must outlive the call
     if imatrix:

@@ -31,7 +31,7 @@ ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Cl
 @app.command()
 def quantize(
     src: Path = typer.Argument(..., help="A downloaded Hugging Face checkpoint folder (config.json, *.safetensors, "
-                               "tokenizer.model), or an F32/F16/BF16 GGUF file."),
+                               "tokenizer.model), or a GGUF file (F32/F16/BF16; a quantized one is requantized)."),
     out: Path = typer.Argument(..., help="The GGUF file to write."),
     type_: str = typer.Option("Q4_K_M", "--type", "-t", help=f"File type, as llama.cpp names them: {', '.join(FILE_TYPES)}."),
     imatrix: Path = typer.Option(None, "--imatrix", help="Importance matrix from llama.cpp's llama-imatrix (GGUF or legacy .dat)."),
@@ -43,7 +43,8 @@ def quantize(
     from localmix.units import human_bytes
 
     with ConvertProgress(err) as progress:
-        result = convert(src, out, type_.upper(), force=force, imatrix=imatrix, progress=progress)
+        result = convert(src, out, type_.upper(), force=force, imatrix=imatrix, progress=progress,
+                         warn=lambda text: err.print(f"localmix: warning: {text}", markup=False, soft_wrap=True))
     if err.is_terminal:
         err.print(f"wrote {result.path} ({result.file_type}, {result.n_tensors} tensors, {human_bytes(result.n_bytes)})")
 
@@ -97,6 +98,8 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token counts, timings, finish reason."),
     force: bool = FORCE_LOAD, vram: str = VRAM, ram: str = RAM, n_cpu_moe: int = N_CPU_MOE, gpu_layers: int = GPU_LAYERS,
     repack: bool | None = REPACK, engine: str = ENGINE,
+    raw: bool = typer.Option(False, "--raw", help="No chat template: send BOS + the text for the model to continue "
+                             "(base models; the default for files with no template and no Mistral markers)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log and a stats line on stderr."),
 ):
     """Answer one prompt and exit: only the reply goes to stdout, ready for a pipe."""
@@ -114,7 +117,7 @@ def run(
     if verbose:
         err.print(f"placement: {placement_line(llm.plan)}", style="dim")
     write = (lambda piece: None) if as_json else _stdout_writer()
-    done = ask(llm, text, system, sampling, write)
+    done = ask(llm, text, system, sampling, write, raw=raw)
     if as_json:
         print(json.dumps({"text": done.text, "finish_reason": done.reason, "prompt_tokens": done.prompt_tokens,
                           "completion_tokens": done.generated_tokens, "prompt_seconds": round(done.prompt_seconds, 4),

@@ -14,6 +14,7 @@ from localmix.errors import InputError
 from localmix.runtime.offload import load_llama
 from localmix.runtime.planner import Plan
 from localmix.runtime.stream import ContextOverflow, Done, Piece, Sampling, common_prefix, reply_events
+from localmix.runtime.vocab import Vocab
 
 
 class LlamaCppEngine:
@@ -32,7 +33,7 @@ class LlamaCppEngine:
         # buffer keeps the size asked for, so the smaller of the two is what we can use
         self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self.metadata = dict(self.llm.metadata)
-        self.vocab = self.llm  # tokenize(bytes, add_bos, special), detokenize, token_bos, token_eos
+        self.vocab = Vocab(self.llm._model, owner=self.llm)  # llama.cpp's vocabulary of the loaded model
         self._lock = threading.Lock()
 
     def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
@@ -54,7 +55,7 @@ class LlamaCppEngine:
             stream = llm.generate(tokens, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
                                   repeat_penalty=s.repeat_penalty, reset=True)
             try:
-                yield from reply_events(stream, lambda t: llm.detokenize([t]), llm.token_eos(), len(tokens),
+                yield from reply_events(stream, self.vocab.piece, self.vocab.eog, len(tokens),
                                         len(tokens) - cached, self.n_ctx, s, cancel)
             finally:
                 stream.close()
