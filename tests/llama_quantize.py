@@ -6,6 +6,7 @@ import ctypes
 from pathlib import Path
 
 import numpy as np
+from gguf import LlamaFileType
 
 from localmix.convert.mix import FILE_TYPES
 
@@ -17,7 +18,8 @@ def llama_model_quantize(src: Path, out: Path, file_type: str, imatrix: dict[str
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = nthread
     params.allow_requantize = allow_requantize
-    params.ftype = int(FILE_TYPES[file_type][0])
+    # localmix's --type names, and llama.cpp's other file types by name (Q4_0, Q4_1, Q5_0, Q5_1)
+    params.ftype = int(FILE_TYPES[file_type][0] if file_type in FILE_TYPES else LlamaFileType[f"MOSTLY_{file_type}"])
     keep = []  # every ctypes object must outlive the call
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()

@@ -21,6 +21,7 @@ import numpy as np
 from localmix.native.model import KVCache, forward, prefill
 from localmix.native.sampler import Sampler
 from localmix.native.weights import load_weights
+from localmix.runtime.log import set_llama_log
 from localmix.runtime.stream import ContextOverflow, Done, Piece, Sampling, common_prefix, reply_events
 from localmix.runtime.vocab import open_vocab
 
@@ -33,6 +34,7 @@ class NativeEngine:
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None,
                  verbose: bool = False):
         self.path = Path(path)
+        set_llama_log(verbose)  # the vocabulary is llama.cpp's: its log only with verbose
         self.weights = load_weights(self.path)
         self.vocab = open_vocab(self.path)
         self.n_ctx = n_ctx or self.weights.hp.context_length

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from localmix.errors import InputError
+from localmix.runtime.log import set_llama_log
 from localmix.runtime.offload import load_llama
 from localmix.runtime.planner import Plan
 from localmix.runtime.stream import ContextOverflow, Done, Piece, Sampling, common_prefix, reply_events
@@ -24,6 +25,7 @@ class LlamaCppEngine:
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None, verbose: bool = False,
                  plan: Plan | None = None, n_gpu_layers: int | None = None, repack: bool = False, **llama_kwargs):
         self.path, self.plan = Path(path), plan
+        set_llama_log(verbose)
         try:
             self.llm = load_llama(str(self.path), plan, n_gpu_layers, repack, n_ctx=n_ctx or 0, n_batch=512,
                                   use_mmap=True, n_threads=n_threads or os.cpu_count(), verbose=verbose, **llama_kwargs)

@@ -103,6 +103,9 @@ def open_vocab(path: str | Path) -> Vocab:
     import llama_cpp
     from llama_cpp._internals import LlamaModel
 
+    from localmix.runtime.log import set_llama_log
+
+    set_llama_log(None)  # quiet unless an engine was opened with verbose
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     try:
