@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import llama_cpp as L
+import numpy as np
 
 from localmix.runtime.stream import Done, Piece, Sampling, common_prefix, reply_events
 
 log = logging.getLogger("localmix.server")
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 
 
 class Busy(Exception):
@@ -69,6 +71,7 @@ class _Slot:
     job: Job | None = None
     todo: list[int] = field(default_factory=list)     # prompt tokens not yet evaluated
     sampler: object = None
+    grammar: object = None                             # its own sampler, applied as _sample says
     events: object = None                              # the job's reply_events generator
     token: int | None = None                           # the sampled token reply_events takes next
     generated: int = 0
@@ -111,6 +114,8 @@ class Scheduler:
         self.mem = L.llama_get_memory(self.ctx)
         self.n_batch = params.n_batch
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self._ids = np.arange(self.n_vocab, dtype=np.int32)
+        self._cur = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)
         self.slots = [_Slot(i) for i in range(parallel)]
         self.waiting: collections.deque[Job] = collections.deque()
         self.metrics = Metrics()
@@ -197,7 +202,7 @@ class Scheduler:
             slot.todo = job.tokens[keep:]
             slot.job, slot.generated, slot.token, slot.t_first = job, 0, None, None
             try:
-                slot.sampler = self._sampler(job)
+                slot.sampler, slot.grammar = self._sampler(job), self._grammar(job)
             except ValueError as e:
                 job.emit(e)
                 slot.job = None
@@ -235,11 +240,6 @@ class Scheduler:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(self.n_vocab, len(arr), arr))
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(
             self.n_vocab, 64, s.repeat_penalty, job.frequency_penalty, job.presence_penalty))
-        if job.grammar:
-            g = L.llama_sampler_init_grammar(self.vocab, job.grammar.encode(), b"root")
-            if not g:
-                raise ValueError("llama.cpp rejected the grammar")
-            L.llama_sampler_chain_add(chain, g)
         if s.temperature <= 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
         else:
@@ -249,6 +249,43 @@ class Scheduler:
                          L.llama_sampler_init_dist(s.seed if s.seed is not None else 0xFFFFFFFF)):
                 L.llama_sampler_chain_add(chain, smpl)
         return chain
+
+    def _grammar(self, job: Job):
+        if not job.grammar:
+            return None
+        g = L.llama_sampler_init_grammar(self.vocab, job.grammar.encode(), b"root")
+        if not g:
+            raise ValueError("llama.cpp could not parse the grammar made for this request")
+        return g
+
+    def _sample(self, s: _Slot, row: int) -> int:
+        """The slot's next token. With a grammar, as llama.cpp's common sampler does: sample
+        unconstrained, keep the token when the grammar allows it, else constrain all the
+        candidates and sample again (checking one token is far cheaper than the whole vocabulary)."""
+        if s.grammar is None:
+            return L.llama_sampler_sample(s.sampler, self.ctx, row)
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
+        token = self._apply(s.sampler, logits)
+        one = np.array([(token, logits[token], 0.0)], dtype=_TOKEN_DATA)
+        self._run(s.grammar, one)
+        if not np.isfinite(one["logit"][0]):
+            token = self._apply(s.sampler, logits, first=s.grammar)
+        L.llama_sampler_accept(s.grammar, token)
+        L.llama_sampler_accept(s.sampler, token)
+        return token
+
+    def _apply(self, chain, logits: np.ndarray, first=None) -> int:
+        cur = self._cur
+        cur["id"], cur["logit"], cur["p"] = self._ids, logits, 0.0
+        view = self._run(first, cur) if first is not None else None
+        view = self._run(chain, cur, view)
+        return int(cur["id"][view.selected])
+
+    def _run(self, smpl, arr: np.ndarray, view=None):
+        if view is None:
+            view = L.llama_token_data_array(arr.ctypes.data_as(L.llama_token_data_p), len(arr), -1, False)
+        L.llama_sampler_apply(smpl, ctypes.byref(view))
+        return view
 
     def _step(self) -> None:
         self.step += 1
@@ -285,7 +322,7 @@ class Scheduler:
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         for s, row in rows:
-            token = L.llama_sampler_sample(s.sampler, self.ctx, row)
+            token = self._sample(s, row)
             if s.t_first is None:
                 s.t_first = time.perf_counter()
             s.token = token
@@ -328,9 +365,10 @@ class Scheduler:
 
     def _free(self, s: _Slot, forget: bool) -> None:
         """Free the slot; its cache keeps what the KV holds (the last sampled token was never decoded)."""
-        if s.sampler is not None:
-            L.llama_sampler_free(s.sampler)
+        for smpl in (s.sampler, s.grammar):
+            if smpl is not None:
+                L.llama_sampler_free(smpl)
         s.cached = [] if forget else s.cached[: s.n_kv]
         s.n_kv = len(s.cached)
         L.llama_memory_seq_rm(self.mem, s.seq, s.n_kv, -1)
-        s.job, s.sampler, s.events, s.token, s.todo = None, None, None, None, []
+        s.job, s.sampler, s.grammar, s.events, s.token, s.todo = None, None, None, None, None, []
