@@ -1,6 +1,6 @@
 """`localmix serve` through the official OpenAI client (sync and async), and with raw HTTP for
 what a client library hides: bad input, auth, Host, the batched scheduler, cancellation.
-One server (tiny Mixtral, --parallel 4) serves the module; all traffic is on 127.0.0.1."""
+One server (conftest's `server`: tiny Mixtral, --parallel 4) serves the tests; all traffic is on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import jsonschema
 import openai
 import pytest
 from conftest import run_localmix
-from server_util import Server
 
 GREEDY = dict(temperature=0, max_tokens=24)
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "colour": {"enum": ["red", "green", "blue"]}},
@@ -25,15 +24,6 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
                                                 "city": {"enum": ["Paris", "Lyon"]},
                                                 "celsius": {"type": "boolean"}},
                                                 "required": ["city", "celsius"], "additionalProperties": False}}}
-
-
-@pytest.fixture(scope="module")
-def server(converted, tmp_path_factory):
-    s = Server(converted("mixtral", "Q8_0"), "--parallel", "4", "--queue", "8", "--ctx", "2048",
-               "--max-body", "65536", log=tmp_path_factory.mktemp("serve") / "server.log")
-    yield s
-    assert s.stop() == 0, s.log_text()  # SIGTERM: a clean shutdown
-    assert "Traceback" not in s.log_text()
 
 
 @pytest.fixture(scope="module")

@@ -99,8 +99,8 @@ def check_params(body: Common) -> None:
 def _job(state: State, body: Common, tokens: list[int], max_tokens: int | None, grammar: str | None = None,
          strip_space: bool = True) -> dict:
     seed = body.seed if body.seed is not None else body.random_seed
-    sampling = sampling_from(state, temperature=body.temperature, top_p=body.top_p, seed=seed, max_tokens=max_tokens,
-                             stop=body.stop)
+    sampling = sampling_from(state, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                             repeat_penalty=body.repetition_penalty, seed=seed, max_tokens=max_tokens, stop=body.stop)
     if len(sampling.stop) > 4:
         raise ApiError(400, "at most 4 stop sequences", param="stop")
     bias = {}
@@ -121,7 +121,12 @@ def _usage(done: Done) -> dict:
 
 
 def _model_card(state: State) -> dict:
-    return {"id": state.options.model_name, "object": "model", "created": int(state.started), "owned_by": "localmix"}
+    card = {"id": state.options.model_name, "object": "model", "created": int(state.started), "owned_by": "localmix"}
+    # Mistral's model card adds these (its client requires `type`); OpenAI's clients ignore them
+    n_ctx = state.scheduler.n_ctx if state.scheduler is not None else None
+    return {**card, "type": "base", "name": state.options.model_name, "max_context_length": n_ctx, "aliases": [],
+            "capabilities": {"completion_chat": True, "completion_fim": False, "function_calling": True,
+                             "fine_tuning": False, "vision": False}}
 
 
 def _stream(events, head: dict, kind: str, include_usage: bool, plan) -> StreamingResponse:

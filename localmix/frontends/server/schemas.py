@@ -15,7 +15,9 @@ ACCEPTED = frozenset({"user", "metadata", "store", "service_tier", "parallel_too
                       "safety_identifier"})
 # OpenAI parameters localmix does not implement: a 400 naming the parameter.
 UNSUPPORTED = frozenset({"audio", "modalities", "prediction", "web_search_options", "functions", "function_call",
-                         "reasoning_effort", "verbosity", "logprobs", "top_logprobs", "echo", "best_of", "suffix"})
+                         "reasoning_effort", "verbosity", "logprobs", "top_logprobs", "echo", "best_of", "suffix",
+                         # Mistral's
+                         "min_tokens", "prompt_mode", "prompt_logprobs", "top_prompt_logprobs"})
 
 
 class _Strict(BaseModel):
@@ -116,6 +118,8 @@ class Common(_Strict):
     # Mistral's names
     random_seed: Optional[int] = Field(None, ge=0, lt=2**32)
     safe_prompt: bool = False
+    top_k: Optional[int] = Field(None, ge=0)
+    repetition_penalty: Optional[float] = Field(None, ge=0.0)
 
 
 class ChatRequest(Common):
