@@ -16,7 +16,7 @@ import openai
 import pytest
 from conftest import run_localmix
 
-GREEDY = dict(temperature=0, max_tokens=24)
+GREEDY = dict(temperature=0, max_tokens=16)
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "colour": {"enum": ["red", "green", "blue"]}},
           "required": ["ok", "colour"], "additionalProperties": False}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
@@ -44,7 +44,7 @@ def test_models_chat_stream_and_usage(client, converted):
     assert text and reply.choices[0].finish_reason in ("stop", "length")
     # greedy equals `localmix run --temperature 0`, counts included
     r = run_localmix("run", converted("mixtral", "Q8_0"), "Name three colours", "--temperature", "0",
-                     "--max-tokens", "24", "--json")
+                     "--max-tokens", "16", "--json")
     ran = json.loads(r.stdout)
     assert text == ran["text"]
     assert reply.usage.prompt_tokens == ran["prompt_tokens"]
@@ -211,3 +211,16 @@ def test_disconnects_stop_the_sequence(server):
     assert r.status_code == 200 and time.monotonic() - t0 < 5
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     assert re.search(r'"POST /v1/chat/completions" 200', log)  # the access log
+
+
+def test_safe_prompt_matches_run_safe(server, converted):
+    """Mistral's safe_prompt on the server and `localmix run --safe` put the same guardrail in front."""
+    body = {"model": "mixtral-Q8_0", "messages": [{"role": "user", "content": "Hello"}], "temperature": 0,
+            "max_tokens": 8, "safe_prompt": True}
+    served = server.post("/v1/chat/completions", body).json()
+    plain = server.post("/v1/chat/completions", {**body, "safe_prompt": False}).json()
+    r = run_localmix("run", converted("mixtral", "Q8_0"), "Hello", "--safe", "--temperature", "0", "--max-tokens", "8",
+                     "--json")
+    ran = json.loads(r.stdout)
+    assert served["usage"]["prompt_tokens"] == ran["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 20
+    assert served["choices"][0]["message"]["content"] == ran["text"]

@@ -82,6 +82,15 @@ ENGINE = typer.Option("llama.cpp", "--engine", help="llama.cpp, or native: local
 REPACK = typer.Option(None, "--repack/--no-repack", help="Let llama.cpp copy CPU weights into its repacked layouts: "
                       "faster products, but read in full at load and resident instead of mapped "
                       "[default: when RAM holds the file and the copy].")
+SAFE = typer.Option(False, "--safe", help="Put Mistral's guardrail system prompt first, as its API's safe_prompt does.")
+
+
+def _safe_system(system: str | None, safe: bool) -> str | None:
+    if not safe:
+        return system
+    from localmix.frontends.server.mistral import SAFE_PROMPT
+
+    return SAFE_PROMPT + ("\n\n" + system if system else "")
 
 
 @app.command()
@@ -89,6 +98,7 @@ def run(
     model: str = typer.Argument(..., help="A GGUF file, or a model pulled by name (REPO:QUANT)."),
     prompt: list[str] = typer.Argument(None, help="The prompt; standard input, when piped, comes first."),
     system: str = typer.Option(None, "--system", help="A system prompt."),
+    safe: bool = SAFE,
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Stop after this many tokens."),
     temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
     repeat_penalty: float = REPEAT_PENALTY, seed: int = SEED,
@@ -107,6 +117,7 @@ def run(
 
     path = _model_path(model)
     text = read_prompt(prompt or [], sys.stdin)
+    system = _safe_system(system, safe)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                         seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()))
     llm = open_engine(path, ctx=ctx, force=force, verbose=verbose, vram=vram, ram=ram, n_cpu_moe=n_cpu_moe,
@@ -132,6 +143,7 @@ def run(
 def chat(
     model: str = typer.Argument(..., help="A GGUF file, or a model pulled by name (REPO:QUANT)."),
     system: str = typer.Option(None, "--system", help="A system prompt (/system changes it)."),
+    safe: bool = SAFE,
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="Stop a reply after this many tokens."),
     temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
     repeat_penalty: float = REPEAT_PENALTY, seed: int = SEED,
@@ -151,7 +163,7 @@ def chat(
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                         seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()))
-    _chat(_model_path(model), ctx, sampling, system=system, raw=raw, history=not no_history, force=force,
+    _chat(_model_path(model), ctx, sampling, system=_safe_system(system, safe), raw=raw, history=not no_history, force=force,
           verbose=verbose, vram=vram, ram=ram, n_cpu_moe=n_cpu_moe, gpu_layers=gpu_layers, repack=repack, engine=engine)
 
 
