@@ -15,7 +15,6 @@ import contextlib
 import hmac
 import json
 import logging
-import threading
 import time
 
 from fastapi import FastAPI, Request
@@ -40,14 +39,12 @@ def error_response(path: str, status: int, message: str, param=None, kind="inval
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def build_app(state: State, load=None) -> FastAPI:
-    """The app; `load()` (run in a thread at startup) opens the engine and the scheduler and
-    puts them in `state`; until it is done /health says 503."""
+def build_app(state: State) -> FastAPI:
+    """The app over `state`; until its engine and scheduler are set (run.py loads them),
+    /health says 503 and the API answers 503 with Retry-After."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        if load is not None:
-            threading.Thread(target=_load, args=(state, load), daemon=True, name="localmix-load").start()
         yield
         if state.scheduler is not None:
             state.scheduler.close()
@@ -92,14 +89,6 @@ def build_app(state: State, load=None) -> FastAPI:
                                  allow_headers=["*"])
     wrapped = Guard(wrapped, state)
     return AccessLog(wrapped, state)
-
-
-def _load(state: State, load) -> None:
-    try:
-        load(state)
-    except Exception as e:  # shown on /health and in the log; the server keeps answering
-        state.load_error = f"the model failed to load: {e}"
-        log.error(state.load_error)
 
 
 async def _send_json(send, response: JSONResponse) -> None:

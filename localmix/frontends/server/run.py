@@ -1,6 +1,6 @@
-"""`localmix serve`: check the flags, bind, load the model in the background, serve until
-SIGINT/SIGTERM (uvicorn's handlers: stop accepting, let running requests finish for a few
-seconds, then the scheduler cancels what is left and frees llama.cpp's context).
+"""`localmix serve`: check the flags, start serving, load the model meanwhile, serve until
+SIGINT/SIGTERM (stop accepting, let running requests finish for a few seconds, then the
+scheduler cancels what is left and frees llama.cpp's context).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from localmix.errors import InputError
@@ -66,13 +67,29 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     state = State(options)
-    app = build_app(state, load)
+    app = build_app(state)
     shown = f"[{host}]" if ":" in host else host
     announce(f"localmix serving {options.model_name} ({path}) at http://{shown}:{port}  "
              f"(OpenAI: /v1, ollama: /api, {parallel} slot(s){', API key required' if options.api_key else ''})")
     config = uvicorn.Config(app, host=host.strip("[]"), port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on")
-    for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it stopped on: make that a no-op,
-        signal.signal(sig, lambda *_: None)      # so a stop by signal exits 0 after the graceful shutdown
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    # HTTP in a thread, the model loaded here in the main thread meanwhile (/health says 503
+    # until it is done). Loaded from a thread instead, llama.cpp's CPU threads decoded 15-60x
+    # slower on 2 cores (measured); the main thread also gets the signals.
+    http = threading.Thread(target=server.run, name="localmix-http", daemon=True)
+
+    def stop(*_):
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    http.start()
+    try:
+        load(state)
+    except Exception as e:  # shown on /health and in the log; the server keeps answering
+        state.load_error = f"the model failed to load: {e}"
+        logging.getLogger("localmix.server").error(state.load_error)
+    while http.is_alive():
+        http.join(0.5)
     announce("localmix stopped")
