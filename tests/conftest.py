@@ -84,3 +84,16 @@ def mean_kl(ref, q) -> float:
     import numpy as np
 
     return float((np.exp(ref) * (ref - q)).sum(-1).mean())
+
+
+@pytest.fixture(scope="session")
+def server(converted, tmp_path_factory):
+    """`localmix serve` on the tiny Mixtral (127.0.0.1, a free port, --parallel 4, an API key),
+    shared by the server tests; stopped with SIGTERM, which must exit cleanly."""
+    from server_util import Server
+
+    s = Server(converted("mixtral", "Q8_0"), "--parallel", "4", "--queue", "8", "--ctx", "2048",
+               "--max-body", "65536", log=tmp_path_factory.mktemp("serve") / "server.log")
+    yield s
+    assert s.stop() == 0, s.log_text()
+    assert "Traceback" not in s.log_text()

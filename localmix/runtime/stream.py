@@ -91,11 +91,12 @@ class _StopFilter:
 
 def reply_events(stream: Iterator[int], token_bytes: Callable[[int], bytes], eog: Container[int], n_prompt: int,
                  n_evaluated: int, n_ctx: int, s: Sampling,
-                 cancel: threading.Event | None = None) -> Iterator[Piece | Done]:
+                 cancel: threading.Event | None = None, strip_space: bool = True) -> Iterator[Piece | Done]:
     """Turn `stream`, the sampled tokens (its first `next` evaluates the prompt), into events.
     The reply ends at any token of `eog` (the vocabulary's end-of-generation tokens: EOS, EOT,
     `<|im_end|>`, ...); `token_bytes` gives what a token shows (nothing for control tokens).
-    `n_evaluated` is how many prompt tokens are evaluated now (the rest are in the cache)."""
+    `n_evaluated` is how many prompt tokens are evaluated now (the rest are in the cache).
+    `strip_space=False` keeps the first token's leading space (a raw-text continuation)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = _StopFilter(tuple(s.stop))
     text, n_generated, reason = [], 0, "length"
@@ -116,7 +117,7 @@ def reply_events(stream: Iterator[int], token_bytes: Callable[[int], bytes], eog
             break
         n_generated += 1
         piece = decoder.decode(token_bytes(token))
-        if n_generated == 1:
+        if n_generated == 1 and strip_space:
             piece = piece.removeprefix(" ")  # the SentencePiece word-start of the reply
         shown, stopped = stops.feed(piece)
         text.append(shown)
