@@ -88,3 +88,22 @@ def test_log_buffers_reads_llama_cpp_lines():
     assert b["CUDA0"] == {"model": round(20000.5 * MiB), "KV": 1024 * MiB, "compute": 397 * MiB}
     assert set(b) == {"CUDA0", "CPU_Mapped", "CUDA_Host"}
     assert device_bytes(b) == sum(b["CUDA0"].values())   # pinned host memory (CUDA_Host) is not the GPU's
+
+
+def test_the_trimmed_sdist_keeps_what_a_cuda_build_reads():
+    import importlib.util
+    from importlib.machinery import SourceFileLoader
+
+    loader = SourceFileLoader("gpu_prepare", str(ROOT / "scripts" / "gpu-prepare"))
+    prepare = importlib.util.module_from_spec(importlib.util.spec_from_loader("gpu_prepare", loader))
+    loader.exec_module(prepare)
+    llama = "vendor/llama.cpp/"
+    for needed in ("CMakeLists.txt", "llama_cpp/llama_cpp.py", f"{llama}CMakeLists.txt", f"{llama}src/llama.cpp",
+                   f"{llama}common/common.cpp", f"{llama}vendor/nlohmann/json.hpp", f"{llama}ggml/src/ggml.c",
+                   f"{llama}ggml/src/ggml-cuda/mmq.cu", f"{llama}ggml/src/ggml-cpu/ggml-cpu.c",
+                   f"{llama}ggml/include/ggml-cuda.h", f"{llama}cmake/build-info.cmake", f"{llama}LICENSE"):
+        assert prepare.keep(needed), needed
+    for dropped in (".git/HEAD", "docs/index.md", "tests/test_llama.py", f"{llama}models/ggml-vocab-llama-spm.gguf",
+                    f"{llama}docs/build.md", f"{llama}tools/mtmd/clip.cpp", f"{llama}ggml/src/ggml-vulkan/ggml-vulkan.cpp",
+                    f"{llama}ggml/src/ggml-metal/ggml-metal.m", f"{llama}convert_hf_to_gguf.py", f"{llama}gguf-py/gguf/gguf.py"):
+        assert not prepare.keep(dropped), dropped
