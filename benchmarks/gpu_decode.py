@@ -57,35 +57,32 @@ def device_bytes(buffers: dict[str, dict[str, int]]) -> int:
     return sum(sum(v.values()) for b, v in buffers.items() if not b.startswith("CPU") and not b.endswith("_Host"))
 
 
-def offload_estimate(path: str, n_ctx: int, n_gpu_layers: int) -> int:
-    """GPU bytes of llama.cpp's layer offload with `n_gpu_layers`: the last N blocks' tensors (the
-    output matrix too when N is n_layer + 1), their KV cache, the compute buffer and headroom."""
+def offload_estimates(path: str, n_ctx: int) -> list[int]:
+    """GPU bytes of llama.cpp's layer offload for each n_gpu_layers from 0 to n_layer + 1: the last
+    N blocks' tensors (the output matrix and norm too when N is n_layer + 1), their share of the KV
+    cache, the compute buffer and the headroom, as the planner counts them."""
     from localmix.gguf.check import check_gguf
     from localmix.runtime.planner import HEADROOM, ModelDims, compute_bytes, kv_cache_bytes
 
     s = check_gguf(path)
     dims = ModelDims(s.n_layer, s.n_embd, s.n_head, s.n_head_kv, s.head_dim, s.n_vocab, s.n_ff, s.n_expert_used)
-    first = s.n_layer - min(n_gpu_layers, s.n_layer)
-    block = re.compile(r"^blk\.(\d+)\.")
-    weights = 0
+    per_block, output = [0] * s.n_layer, 0
     for t in s.tensors:
-        m = block.match(t.name)
-        if m and int(m.group(1)) >= first:
-            weights += t.n_bytes
-        elif not m and n_gpu_layers > s.n_layer and t.name.startswith("output"):
-            weights += t.n_bytes
-    on_gpu = s.n_layer - first
-    if on_gpu == 0 and n_gpu_layers <= s.n_layer:
-        return 0
-    return weights + kv_cache_bytes(dims, n_ctx) * on_gpu // s.n_layer + compute_bytes(dims, n_ctx) + HEADROOM
+        m = re.match(r"^blk\.(\d+)\.", t.name)
+        if m:
+            per_block[int(m.group(1))] += t.n_bytes
+        elif t.name.startswith("output"):
+            output += t.n_bytes
+    fixed, kv = compute_bytes(dims, n_ctx) + HEADROOM, kv_cache_bytes(dims, n_ctx)
+    sizes = [0]
+    for n in range(1, s.n_layer + 1):
+        sizes.append(sum(per_block[s.n_layer - n:]) + kv * n // s.n_layer + fixed)
+    return sizes + [sizes[-1] + output]
 
 
 def layers_that_fit(path: str, n_ctx: int, budget: int) -> int:
     """The largest n_gpu_layers (0 .. n_layer + 1) whose offload estimate fits `budget`."""
-    from localmix.gguf.check import check_gguf
-
-    n_layer = check_gguf(path).n_layer
-    return max((n for n in range(n_layer + 2) if offload_estimate(path, n_ctx, n) <= budget), default=0)
+    return max(n for n, size in enumerate(offload_estimates(path, n_ctx)) if size <= budget)
 
 
 def prompt_tokens(llm, n: int) -> list[int]:
@@ -142,7 +139,7 @@ def main() -> None:
         llm = Llama(model_path=args.file, n_ctx=args.ctx, n_gpu_layers=n, n_threads=threads, n_threads_batch=threads,
                     verbose=True)
         result.update(placement=f"n_gpu_layers={n}", n_gpu_layers=n,
-                      estimate_gpu_bytes=offload_estimate(args.file, args.ctx, n))
+                      estimate_gpu_bytes=offload_estimates(args.file, args.ctx)[n])
     result["load_s"] = time.perf_counter() - t0
     after_load = gpu_memory()
     result.update(decode(llm, prompt_tokens(llm, args.prompt_tokens), args.tokens))

@@ -21,7 +21,7 @@ from localmix.fixtures.synth import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from gpu_decode import device_bytes, layers_that_fit, log_buffers, offload_estimate
+from gpu_decode import device_bytes, layers_that_fit, log_buffers, offload_estimates
 
 MiB = 1 << 20
 
@@ -70,7 +70,8 @@ def test_something_missing_is_one_line(tmp_path):
 def test_offload_estimate_picks_the_largest_n_gpu_layers_that_fits(tiny_mixtral, tmp_path):
     path = str(synth(ModelConfig.load(tiny_mixtral), "Q4_K_M", tmp_path / "s.gguf", seed=1).path)
     n_layer = ModelConfig.load(tiny_mixtral).num_hidden_layers
-    sizes = [offload_estimate(path, 512, n) for n in range(n_layer + 2)]
+    sizes = offload_estimates(path, 512)
+    assert len(sizes) == n_layer + 2
     assert sizes[0] == 0 and all(a < b for a, b in zip(sizes, sizes[1:]))   # each layer, then the output, adds bytes
     for n in (1, n_layer // 2, n_layer + 1):
         assert layers_that_fit(path, 512, sizes[n]) == n
