@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from localmix.convert.pipeline import convert
-from localmix.fixtures.tiny import make_tiny_checkpoint
+from localmix.fixtures.tiny import TinySpec, make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = min(2, os.cpu_count() or 1)
@@ -55,11 +55,18 @@ def tiny_mistral(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def converted(tmp_path_factory, tiny_mixtral, tiny_mistral):
-    """converted(model, type) -> path of the GGUF, converting on first use."""
+def tiny_8x22b(tmp_path_factory) -> Path:
+    """Mixtral 8x22B-Instruct's design: the v3 tokenizer (32768 pieces), 64K context, its template."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-8x22b", TinySpec.mixtral_8x22b())
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, tiny_mixtral, tiny_mistral, tiny_8x22b):
+    """converted(model, type) -> path of the GGUF, converting on first use (model: mixtral,
+    mistral, or mixtral-8x22b)."""
     out_dir = tmp_path_factory.mktemp("gguf")
     cache: dict[tuple[str, str], Path] = {}
-    sources = {"mixtral": tiny_mixtral, "mistral": tiny_mistral}
+    sources = {"mixtral": tiny_mixtral, "mistral": tiny_mistral, "mixtral-8x22b": tiny_8x22b}
 
     def get(model: str, file_type: str) -> Path:
         if (model, file_type) not in cache:
@@ -105,3 +112,16 @@ def mean_kl(ref, q) -> float:
     import numpy as np
 
     return float((np.exp(ref) * (ref - q)).sum(-1).mean())
+
+
+@pytest.fixture(scope="session")
+def server(converted, tmp_path_factory):
+    """`localmix serve` on the tiny Mixtral (127.0.0.1, a free port, --parallel 4, an API key),
+    shared by the server tests; stopped with SIGTERM, which must exit cleanly."""
+    from server_util import Server
+
+    s = Server(converted("mixtral", "Q8_0"), "--parallel", "4", "--queue", "8", "--ctx", "2048",
+               "--max-body", "65536", log=tmp_path_factory.mktemp("serve") / "server.log")
+    yield s
+    assert s.stop() == 0, s.log_text()
+    assert "Traceback" not in s.log_text()

@@ -12,12 +12,13 @@ from localmix.convert.mix import FILE_TYPES
 
 
 def llama_model_quantize(src: Path, out: Path, file_type: str, imatrix: dict[str, np.ndarray] | None = None,
-                         nthread: int = 2) -> None:
+                         nthread: int = 2, allow_requantize: bool = False) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = nthread
-    # localmix's file types, or any other of llama.cpp's (Q4_0, Q4_1, Q5_0, Q5_1: llama.cpp's own files)
+    params.allow_requantize = allow_requantize
+    # localmix's --type names, and llama.cpp's other file types by name (Q4_0, Q4_1, Q5_0, Q5_1)
     params.ftype = int(FILE_TYPES[file_type][0] if file_type in FILE_TYPES else LlamaFileType[f"MOSTLY_{file_type}"])
     keep = []  # every ctypes object must outlive the call
     if imatrix:

@@ -8,8 +8,8 @@ from conftest import load_llama
 
 from localmix.errors import InputError
 from localmix.fixtures.tiny import MIXTRAL_CHAT_TEMPLATE
+from localmix.runtime.prompt import chat_tokens
 from localmix.runtime.template import (
-    conversation_tokens,
     prompt_tokens,
     render,
     template_from_gguf,
@@ -47,6 +47,17 @@ def gguf_path(converted):
 @pytest.fixture(scope="module")
 def llm(gguf_path):
     return load_llama(gguf_path, vocab_only=True)
+
+
+@pytest.fixture(scope="module")
+def vocab(gguf_path):
+    from localmix.runtime.vocab import open_vocab
+
+    return open_vocab(gguf_path)
+
+
+def conversation_tokens(messages, vocab):
+    return chat_tokens(vocab, {"tokenizer.chat_template": MIXTRAL_CHAT_TEMPLATE}, messages)
 
 
 def mistral_common_tokens(messages) -> list[int]:
@@ -99,19 +110,18 @@ def test_the_raw_template_would_glue_the_reply_to_inst(llm):
     assert render(messages, MIXTRAL_CHAT_TEMPLATE) == raw.replace("[/INST]A", "[/INST] A")
 
 
-def test_special_token_text_in_a_message_stays_text(llm):
+def test_special_token_text_in_a_message_stays_text(llm, vocab):
     """A user typing "</s>" must not end the turn: only the template's BOS/EOS are control tokens."""
     messages = [{"role": "user", "content": "what does </s> mean in <s> HTML?"}]
-    got = conversation_tokens(messages, MIXTRAL_CHAT_TEMPLATE, llm.tokenize, BOS, llm.token_eos())
+    got = conversation_tokens(messages, vocab)
     assert got == mistral_common_tokens(messages)
     assert got.count(BOS) == 1 and llm.token_eos() not in got
 
 
 @pytest.mark.parametrize("name", CONVERSATIONS)
-def test_conversation_tokens_equal_mistral_common(name, llm):
+def test_conversation_tokens_equal_mistral_common(name, vocab):
     messages = CONVERSATIONS[name]
-    assert conversation_tokens(messages, MIXTRAL_CHAT_TEMPLATE, llm.tokenize, BOS, llm.token_eos()) == \
-        mistral_common_tokens(messages)
+    assert conversation_tokens(messages, vocab) == mistral_common_tokens(messages)
 
 
 @pytest.mark.parametrize("name", CONVERSATIONS)

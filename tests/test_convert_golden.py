@@ -1,7 +1,8 @@
 """Our GGUF files are interchangeable with llama.cpp's own converter's.
 
 tests/golden/golden.json records what llama.cpp's `convert_hf_to_gguf.py` wrote for the tiny
-checkpoints (see make_golden.py): every metadata key with its type and value, every tensor's
+checkpoints (see make_golden.py: Mixtral 8x7B's and Mistral 7B's designs, and Mixtral 8x22B's
+with the v3 tokenizer, 32768 pieces and 64K context): every metadata key with its type and value, every tensor's
 type, shape and data digest. localmix must write the same, key for key and byte for byte.
 """
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import MODEL_ARCH, GGUFReader, get_tensor_name_map
+from golden.make_golden import CASES
 from golden.make_golden import describe as _describe
 
 from localmix.convert.names import TENSOR_TABLE
@@ -24,7 +26,7 @@ GOLDEN = json.loads((Path(__file__).parent / "golden" / "golden.json").read_text
 def golden_sources(tmp_path_factory):
     # The same folder names as make_golden.py: general.* names come from them.
     base = tmp_path_factory.mktemp("golden")
-    return {"mixtral": make_tiny_checkpoint(base / "mixtral"), "mistral": make_tiny_checkpoint(base / "mistral", dense=True)}
+    return {case: make_tiny_checkpoint(base / case, spec) for case, spec in CASES.items()}
 
 
 @pytest.mark.parametrize("case", sorted(GOLDEN))

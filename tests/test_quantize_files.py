@@ -146,3 +146,25 @@ def test_fallbacks_and_dense_mixes_match_llama_model_quantize(model, file_type, 
     assert kv(ours) == kv(theirs)  # file type, quantization version, hyper-parameters, tokenizer
     if model == "odd":  # rows of 384 and 480 fit no 256-block: the 32-block fallbacks were used
         assert {t for t, _, _ in a.values()} & {"Q4_0", "Q5_0", "Q5_1", "Q8_0"}
+
+
+@pytest.mark.parametrize("file_type", ["Q3_K_M", "Q4_K_M"])
+def test_requantizing_q8_0_equals_llama_model_quantize(file_type, converted, tmp_path):
+    """`localmix quantize model-Q8_0.gguf out.gguf --type Q3_K_M` (a downloaded quantized file):
+    one warning, and what llama_model_quantize writes with allow_requantize, byte for byte."""
+    from conftest import run_localmix
+
+    src = converted("mixtral", "Q8_0")
+    ours = tmp_path / "ours.gguf"
+    r = run_localmix("quantize", src, ours, "--type", file_type)
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "requantizing loses more" in warnings[0], r.stderr
+    theirs = tmp_path / "theirs.gguf"
+    llama_model_quantize(src, theirs, file_type, allow_requantize=True)
+    a, b = tensors(ours), tensors(theirs)
+    assert a.keys() == b.keys()
+    for name in b:
+        assert a[name] == b[name], name
+    assert kv(ours) == kv(theirs)
+    assert {t for t, _, _ in a.values()} >= {"Q8_0", file_type[:2] + "_K"}  # attn_v stays Q8_0: copied

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import gguf
 import numpy as np
@@ -71,13 +71,22 @@ def _rows(t: SourceTensor):
                 yield e, x
 
 
+REQUANTIZE_WARNING = ("{src} is already quantized: requantizing loses more than quantizing from the original "
+                      "weights (the Hugging Face checkpoint or an F32/F16/BF16 GGUF)")
+
+
 def convert(src: str | Path, out: str | Path, file_type: str = "Q4_K_M", force: bool = False,
-            imatrix: str | Path | None = None, progress: Progress | None = None) -> ConvertResult:
-    """Convert `src` (a Hugging Face checkpoint folder, or a float GGUF file) to the GGUF
-    file `out` of `file_type`, optionally guided by an importance matrix file."""
+            imatrix: str | Path | None = None, progress: Progress | None = None,
+            warn: Callable[[str], None] | None = None) -> ConvertResult:
+    """Convert `src` (a Hugging Face checkpoint folder, or a GGUF file) to the GGUF file `out`
+    of `file_type`, optionally guided by an importance matrix file. A quantized GGUF source
+    is requantized as llama_model_quantize does with allow_requantize (dequantized, then
+    quantized again; a tensor whose type stays is copied), after one call of `warn`."""
     if file_type not in FILE_TYPES:
         raise InputError(f"unknown type {file_type!r}; choose one of {', '.join(FILE_TYPES)}")
     source = open_source(src)
+    if getattr(source, "requantizes", False) and warn is not None:
+        warn(REQUANTIZE_WARNING.format(src=src))
     types = pick_types(source.tensors, file_type, source.model)
     importance = load_imatrix(imatrix) if imatrix is not None else None
 
@@ -93,6 +102,15 @@ def convert(src: str | Path, out: str | Path, file_type: str = "Q4_K_M", force: 
         w.begin_data()
         for t in source.tensors:
             qtype = types[t.name]
+            if qtype == t.stored_type and all(getattr(p, "quantized", False) for p in t.parts):
+                for part in t.parts:  # the type stays: llama.cpp copies the bytes
+                    n = w.write(np.asarray(part.raw(0, part.shape[0] if len(part.shape) > 1 else 1)))
+                    if progress:
+                        progress.advance(t.name, n, False)
+                w.end_tensor()
+                if progress:
+                    progress.advance(t.name, 0, True)
+                continue
             weights = None
             if importance is not None and qtype in kernels.KERNELS:  # the types an imatrix guides
                 weights = tensor_importance(importance, t.name, t.shape)

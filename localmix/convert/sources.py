@@ -88,10 +88,13 @@ def add_model_metadata(h: gguf.GGUFWriter, cfg: ModelConfig, src: Path, file_typ
 
 
 class GGUFSource:
-    """A GGUF file with float tensors (F32, F16 or BF16), e.g. one written by `--type F32`.
+    """A GGUF file, e.g. one written by `--type F32`, or a downloaded quantized one.
 
-    Its metadata is copied as llama.cpp's quantizer copies it: every key as it is, with
-    general.file_type and general.quantization_version set anew."""
+    Float tensors (F32, F16, BF16) are read as they are; quantized ones (any type gguf-py
+    dequantizes) are dequantized row by row, as llama_model_quantize does with
+    `allow_requantize` (`requantizes` says so: the caller warns). Its metadata is copied as
+    llama.cpp's quantizer copies it: every key as it is, with general.file_type and
+    general.quantization_version set anew."""
 
     def __init__(self, path: Path):
         from localmix.gguf.read import open_gguf
@@ -102,12 +105,15 @@ class GGUFSource:
         if self.arch != "llama":
             raise InputError(f"{path} holds a {self.arch!r} model; localmix quantizes llama-architecture GGUFs (Mixtral, Mistral)")
         self.tensors = []
+        self.requantizes = False
         for t in r.tensors:
             kind = t.tensor_type.name
             shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions innermost first
             if kind not in ("F32", "F16", "BF16"):
-                raise InputError(f"{path}: tensor {t.name} is already {kind}; quantize from the F32/F16/BF16 "
-                                 "GGUF or from the Hugging Face checkpoint instead")
+                if not _dequantizable(t.tensor_type):
+                    raise InputError(f"{path}: tensor {t.name} is {kind}, which localmix cannot dequantize; "
+                                     "quantize from an F32/F16/BF16 GGUF or the Hugging Face checkpoint instead")
+                self.requantizes = True
             whole = StoredTensor(path, int(t.data_offset), kind, shape)
             parts = [whole.part(e) for e in range(shape[0])] if len(shape) == 3 else [whole]
             self.tensors.append(SourceTensor(t.name, shape, parts, t.tensor_type))
@@ -134,6 +140,16 @@ class GGUFSource:
             h.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
         if "general.file_type" not in self.reader.fields:
             h.add_file_type(file_type)
+
+
+def _dequantizable(qtype: QType) -> bool:
+    """Whether gguf-py has a dequantizer for `qtype` (tried on one block of zeros)."""
+    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        gguf.quants.dequantize(np.zeros((1, nbytes), dtype=np.uint8), qtype)
+    except (NotImplementedError, ValueError, KeyError):
+        return False
+    return True
 
 
 def open_source(path: str | Path) -> HFSource | GGUFSource:

@@ -31,7 +31,7 @@ ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Cl
 @app.command()
 def quantize(
     src: Path = typer.Argument(..., help="A downloaded Hugging Face checkpoint folder (config.json, *.safetensors, "
-                               "tokenizer.model), or an F32/F16/BF16 GGUF file."),
+                               "tokenizer.model), or a GGUF file (F32/F16/BF16; a quantized one is requantized)."),
     out: Path = typer.Argument(..., help="The GGUF file to write."),
     type_: str = typer.Option("Q4_K_M", "--type", "-t", help=f"File type, as llama.cpp names them: {', '.join(FILE_TYPES)}."),
     imatrix: Path = typer.Option(None, "--imatrix", help="Importance matrix from llama.cpp's llama-imatrix (GGUF or legacy .dat)."),
@@ -43,7 +43,8 @@ def quantize(
     from localmix.units import human_bytes
 
     with ConvertProgress(err) as progress:
-        result = convert(src, out, type_.upper(), force=force, imatrix=imatrix, progress=progress)
+        result = convert(src, out, type_.upper(), force=force, imatrix=imatrix, progress=progress,
+                         warn=lambda text: err.print(f"localmix: warning: {text}", markup=False, soft_wrap=True))
     if err.is_terminal:
         err.print(f"wrote {result.path} ({result.file_type}, {result.n_tensors} tensors, {human_bytes(result.n_bytes)})")
 
@@ -82,6 +83,15 @@ ENGINE = typer.Option("llama.cpp", "--engine", help="llama.cpp, or native: local
 REPACK = typer.Option(None, "--repack/--no-repack", help="Let llama.cpp copy CPU weights into its repacked layouts: "
                       "faster products, but read in full at load and resident instead of mapped "
                       "[default: when RAM holds the file and the copy].")
+SAFE = typer.Option(False, "--safe", help="Put Mistral's guardrail system prompt first, as its API's safe_prompt does.")
+
+
+def _safe_system(system: str | None, safe: bool) -> str | None:
+    if not safe:
+        return system
+    from localmix.frontends.server.mistral import SAFE_PROMPT
+
+    return SAFE_PROMPT + ("\n\n" + system if system else "")
 
 
 @app.command()
@@ -89,6 +99,7 @@ def run(
     model: str = typer.Argument(..., help="A GGUF file, or a model pulled by name (REPO:QUANT)."),
     prompt: list[str] = typer.Argument(None, help="The prompt; standard input, when piped, comes first."),
     system: str = typer.Option(None, "--system", help="A system prompt."),
+    safe: bool = SAFE,
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Stop after this many tokens."),
     temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
     repeat_penalty: float = REPEAT_PENALTY, seed: int = SEED,
@@ -97,6 +108,8 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token counts, timings, finish reason."),
     force: bool = FORCE_LOAD, vram: str = VRAM, ram: str = RAM, n_cpu_moe: int = N_CPU_MOE, gpu_layers: int = GPU_LAYERS,
     repack: bool | None = REPACK, engine: str = ENGINE,
+    raw: bool = typer.Option(False, "--raw", help="No chat template: send BOS + the text for the model to continue "
+                             "(base models; the default for files with no template and no Mistral markers)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log and a stats line on stderr."),
 ):
     """Answer one prompt and exit: only the reply goes to stdout, ready for a pipe."""
@@ -107,6 +120,7 @@ def run(
 
     path = _model_path(model)
     text = read_prompt(prompt or [], sys.stdin)
+    system = _safe_system(system, safe)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                         seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()))
     llm = open_engine(path, ctx=ctx, force=force, verbose=verbose, vram=vram, ram=ram, n_cpu_moe=n_cpu_moe,
@@ -114,7 +128,7 @@ def run(
     if verbose:
         err.print(f"placement: {placement_line(llm.plan)}", style="dim")
     write = (lambda piece: None) if as_json else _stdout_writer()
-    done = ask(llm, text, system, sampling, write)
+    done = ask(llm, text, system, sampling, write, raw=raw)
     if as_json:
         print(json.dumps({"text": done.text, "finish_reason": done.reason, "prompt_tokens": done.prompt_tokens,
                           "completion_tokens": done.generated_tokens, "prompt_seconds": round(done.prompt_seconds, 4),
@@ -132,6 +146,7 @@ def run(
 def chat(
     model: str = typer.Argument(..., help="A GGUF file, or a model pulled by name (REPO:QUANT)."),
     system: str = typer.Option(None, "--system", help="A system prompt (/system changes it)."),
+    safe: bool = SAFE,
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="Stop a reply after this many tokens."),
     temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
     repeat_penalty: float = REPEAT_PENALTY, seed: int = SEED,
@@ -151,8 +166,43 @@ def chat(
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                         seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()))
-    _chat(_model_path(model), ctx, sampling, system=system, raw=raw, history=not no_history, force=force,
+    _chat(_model_path(model), ctx, sampling, system=_safe_system(system, safe), raw=raw, history=not no_history, force=force,
           verbose=verbose, vram=vram, ram=ram, n_cpu_moe=n_cpu_moe, gpu_layers=gpu_layers, repack=repack, engine=engine)
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="A GGUF file, or a model pulled by name (REPO:QUANT)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; other than loopback needs --api-key."),
+    port: int = typer.Option(8080, "--port", min=1, max=65535),
+    parallel: int = typer.Option(1, "--parallel", "-np", min=1, max=64, help="Sequences decoded together in one batch."),
+    api_key: str = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' [env LOCALMIX_API_KEY]."),
+    cors: list[str] = typer.Option(None, "--cors", help="Allow browser pages of this origin (repeatable) [default: none]."),
+    allow_host: list[str] = typer.Option(None, "--allow-host", help="Accept this Host header too (repeatable)."),
+    max_body: int = typer.Option(4 << 20, "--max-body", min=1024, help="Largest request body, in bytes."),
+    queue: int = typer.Option(16, "--queue", min=0, help="Requests that may wait for a slot; more get 503."),
+    alias: str = typer.Option(None, "--alias", help="The model's name in the API [default: the file's stem]."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="Default reply length limit."),
+    temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
+    repeat_penalty: float = REPEAT_PENALTY, seed: int = SEED,
+    ctx: int = CTX, force: bool = FORCE_LOAD, vram: str = VRAM, ram: str = RAM, n_cpu_moe: int = N_CPU_MOE,
+    gpu_layers: int = GPU_LAYERS, repack: bool | None = REPACK,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log."),
+):
+    """Serve the model over HTTP to OpenAI, ollama and Mistral clients (requests batched together)."""
+    from localmix.frontends.server.common import Options
+    from localmix.frontends.server.run import serve as run_server
+    from localmix.runtime.stream import Sampling
+
+    path = _model_path(model)
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                        seed=seed, max_tokens=max_tokens)
+    options = Options(model_name=alias or path.stem, api_key=api_key, cors=tuple(cors or ()), max_body=max_body,
+                      sampling=sampling)
+    run_server(path, options, host=host, port=port, parallel=parallel, queue=queue, ctx=ctx,
+               allow_hosts=tuple(allow_host or ()), announce=lambda line: print(line, file=sys.stderr, flush=True),
+               load_options=dict(force=force, verbose=verbose, vram=vram, ram=ram, n_cpu_moe=n_cpu_moe,
+                                 gpu_layers=gpu_layers, repack=repack))
 
 
 def _chat(model: Path, ctx: int | None, sampling, system: str | None = None, raw: bool = False, history: bool = True,

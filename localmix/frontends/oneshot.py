@@ -1,7 +1,7 @@
 """One-shot prompts for shell pipes: `cat notes.txt | localmix run model.gguf "Summarise this"`.
 
 `read_prompt` joins standard input (when it is not a terminal) and the prompt arguments,
-stdin first; `ask` renders the conversation with the model's chat template, streams the
+stdin first; `ask` builds the prompt in the model's own chat format (or raw), streams the
 reply through a writer and returns the final `Done` event. The CLI adds the flags, the JSON
 form and the quiet handling of a closed pipe.
 """
@@ -12,9 +12,8 @@ from typing import Callable, TextIO
 
 from localmix.errors import InputError
 from localmix.runtime.llama import LlamaCppEngine
+from localmix.runtime.prompt import chat_tokens
 from localmix.runtime.stream import Done, Piece, Sampling
-from localmix.runtime.template import conversation_tokens as render_tokens
-from localmix.runtime.template import template_from_metadata
 
 
 def read_prompt(words: list[str], stdin: TextIO | None) -> str:
@@ -30,16 +29,16 @@ def read_prompt(words: list[str], stdin: TextIO | None) -> str:
     return "\n\n".join(parts)
 
 
-def conversation_tokens(engine: LlamaCppEngine, messages: list[dict]) -> list[int]:
-    """The prompt tokens of a conversation, through the model's own chat template."""
-    v = engine.vocab
-    return render_tokens(messages, template_from_metadata(engine.metadata), v.tokenize, v.token_bos(), v.token_eos())
+def conversation_tokens(engine: LlamaCppEngine, messages: list[dict], raw: bool = False) -> list[int]:
+    """The prompt tokens of a conversation, in the model's own format (runtime.prompt)."""
+    return chat_tokens(engine.vocab, engine.metadata, messages, raw=raw)
 
 
 def ask(engine: LlamaCppEngine, prompt: str, system: str | None, sampling: Sampling,
-        write: Callable[[str], None]) -> Done:
+        write: Callable[[str], None], raw: bool = False) -> Done:
+    """One reply to `prompt`; with `raw`, no chat format: the prompt is text to continue."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    tokens = conversation_tokens(engine, messages)
+    tokens = conversation_tokens(engine, messages, raw=raw)
     done = None
     for event in engine.generate(tokens, sampling):
         if isinstance(event, Piece):

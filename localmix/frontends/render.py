@@ -35,5 +35,8 @@ def render(info: dict[str, Any]):
               f"EOS {tok['eos_token_id']}, add BOS {tok['add_bos_token']}")
     ct = info["chat_template"]
     t.add_row("chat template", "none" if ct is None else
-              f"{ct['format']} format, {ct['length']} characters, {'with' if ct['system_role'] else 'no'} system role")
+              f"{ct['format']} format"
+              + (f" (Mistral {ct['mistral_version']}: [INST] as "
+                 f"{'text' if ct['mistral_version'] == 'v1' else 'control tokens'})" if ct.get("mistral_version") else "")
+              + f", {ct['length']} characters, {'with' if ct['system_role'] else 'no'} system role")
     return t

@@ -9,7 +9,8 @@ bytes the way ggml-quants.c's dequantize_row_* reads them (the K-quant scales th
 (legacy blocks are one sub-block with sc = 1; Q4_1/Q5_1's `+ m` is dmin = -m, mn = 1). The
 activations are quantized like the fast path's (Q8_K: one float scale per 256, Q8_0: per 32)
 and each block's product is the integer dot of the quants, scaled: what
-ggml_vec_dot_q4_K_q8_K and its siblings compute, without any of their SIMD.
+ggml_vec_dot_q4_K_q8_K and its siblings compute, without any of their SIMD. For Q4_1/Q5_1 the
+min meets the activation block's sum as ggml's Q8_1 keeps it, a half float of amax / 127 * sum.
 """
 
 from __future__ import annotations
@@ -148,5 +149,10 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: T) -> np.ndarray:
     isum = np.einsum("nbsl,tbsl->tnbs", q, xq)  # each sub-block's integer dot
     sumi = (isum * sc).sum(axis=-1)  # (T, N, B): with the sub-block scales
     summ = np.einsum("nbs,tbs->tnb", np.broadcast_to(mn, sc.shape), xs)  # the mins, through the activation sums
-    per_block = xd[:, None, :] * (d * sumi - dmin * summ)
+    if qtype in (T.Q4_1, T.Q5_1):  # Q8_1: the activation block sums kept as half floats
+        amax = np.abs(np.asarray(x, dtype=np.float32).reshape(x.shape[0], nb, block)).max(axis=-1)
+        s16 = (amax / np.float32(127.0) * summ.astype(np.float32)[:, 0]).astype(np.float16).astype(np.float32)
+        per_block = xd[:, None, :] * d * sumi - dmin * s16[:, None, :]
+    else:
+        per_block = xd[:, None, :] * (d * sumi - dmin * summ)
     return per_block.sum(axis=-1).astype(np.float32)

@@ -63,8 +63,9 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType) -> np.ndarray:
     assert w.dtype == np.uint8 and w.ndim == 2 and w.shape[1] == k // block * nbytes and k % block == 0, (
         f"{qtype.name} rows of shape {w.shape} {w.dtype} for activations of width {k}")
     if qtype in dot.LEGACY and x.shape[0] >= PREFILL_BLAS_T:  # BLAS on the quantized activations
-        xq, xd, _ = dot.quantize_activations(x, dot.QK, dot.QK)
-        return matmul_ref((xq.reshape(x.shape[0], -1, dot.QK) * xd[..., None]).reshape(x.shape), w, qtype)
+        xq, xd, xs = dot.quantize_activations(x, dot.QK, dot.QK)
+        out = matmul_ref((xq.reshape(x.shape[0], -1, dot.QK) * xd[..., None]).reshape(x.shape), w, qtype)
+        return out + _q8_1_sum_rounding(x, xd, xs, w, qtype)
     w = np.ascontiguousarray(w).reshape(n, k // block, nbytes)  # the blocks; no copy for rows as stored
     if qtype not in decode.TYPES:
         return matmul_ref(x, w, qtype)
@@ -75,7 +76,25 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType) -> np.ndarray:
         decode.matvec(int(qtype), w, xq[0], xd[0], xs[0], out[0])
     else:
         (dot.kquant_matmul if kquant else dot.legacy_matmul)(int(qtype), w, xq, xd, xs, out)
-    return out
+    return out + _q8_1_sum_rounding(x, xd, xs, w, qtype) if qtype in _WITH_MIN else out
+
+
+_WITH_MIN = (QType.Q4_1, QType.Q5_1)  # blocks d * q + m, met by Q8_1 activations
+
+
+def _q8_1_sum_rounding(x: np.ndarray, xd: np.ndarray, xs: np.ndarray, w: np.ndarray, qtype: QType):
+    """What ggml's Q8_1 activations add for Q4_1/Q5_1: a block's min m meets the activation
+    block's sum s, which ggml keeps as a half float, fp16(amax / 127 * sum q) (quantize_row_q8_1),
+    where the kernels use the exact xd * sum q. The difference, sum over blocks of m * (s - xd *
+    sum q), is added here; on random tiny models it is what parts native logits from llama.cpp's."""
+    if qtype not in _WITH_MIN:
+        return np.float32(0.0)
+    n_t, k = x.shape
+    amax = np.abs(x.reshape(n_t, -1, dot.QK)).max(-1)
+    s16 = (amax / np.float32(127.0) * xs.astype(np.float32)).astype(np.float16).astype(np.float32)
+    blocks = np.ascontiguousarray(w).reshape(w.shape[0], k // dot.QK, -1)
+    m = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, B): each block's min
+    return (s16 - xd * xs.astype(np.float32)) @ m.T
 
 
 def _bf16(w: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The native engine: the numpy forward (model.py) over the memory-mapped GGUF, behind the
 same interface as the llama.cpp engine (localmix.runtime.llama).
 
-Tokens in and out go through llama.cpp's vocabulary (`Llama(vocab_only=True)`: the file's own
+Tokens in and out go through llama.cpp's vocabulary (`runtime.vocab.open_vocab`: the file's own
 tokenizer, no weights loaded); the next token is chosen by `sampler.Sampler`, which picks
 what llama-cpp-python's `Llama.generate` picks. The KV cache is kept between calls: a prompt
 that extends the previous conversation evaluates only its new tokens.
@@ -20,8 +20,10 @@ import numpy as np
 
 from localmix.native.model import KVCache, forward, prefill
 from localmix.native.sampler import Sampler
-from localmix.native.weights import load_weights, vocabulary
+from localmix.native.weights import load_weights
+from localmix.runtime.log import set_llama_log
 from localmix.runtime.stream import ContextOverflow, Done, Piece, Sampling, common_prefix, reply_events
+from localmix.runtime.vocab import open_vocab
 
 PREFILL_BATCH = 64
 
@@ -32,8 +34,9 @@ class NativeEngine:
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None,
                  verbose: bool = False):
         self.path = Path(path)
+        set_llama_log(verbose)  # the vocabulary is llama.cpp's: its log only with verbose
         self.weights = load_weights(self.path)
-        self.vocab = vocabulary(self.path)
+        self.vocab = open_vocab(self.path)
         self.n_ctx = n_ctx or self.weights.hp.context_length
         self.n_threads = n_threads  # numpy's BLAS decides; kept for the interface
         self.metadata = self.vocab.metadata()
@@ -59,7 +62,7 @@ class NativeEngine:
         with self._lock:
             stream = self._sampled(tokens, reuse, Sampler(s))
             try:
-                yield from reply_events(stream, lambda t: self.vocab.detokenize([t]), self.vocab.token_eos(),
+                yield from reply_events(stream, self.vocab.piece, self.vocab.eog,
                                         len(tokens), len(tokens) - reuse, self.n_ctx, s, cancel)
             finally:
                 stream.close()

@@ -86,9 +86,9 @@ def route(path: str | Path, prompt_tokens: list[int], pieces: list[str] | None =
 
 def route_text(path: str | Path, text: str) -> Routing:
     """`route` for a text: tokenized with the file's own vocabulary, BOS first."""
-    from localmix.native.weights import vocabulary
+    from localmix.runtime.vocab import open_vocab
 
-    vocab = vocabulary(path)
+    vocab = open_vocab(path)
     tokens = vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)
     pieces = [vocab.detokenize([t]).decode("utf-8", errors="replace") for t in tokens]
     return route(path, tokens, pieces)

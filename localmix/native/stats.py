@@ -99,7 +99,7 @@ def write_imatrix(out: str | Path, imatrix: dict, dataset: str = "text", force: 
 def imatrix_from_text(path: str | Path, text: str, n_ctx: int = 512,
                       progress: Callable[[int, int], None] | None = None) -> dict:
     """`compute_imatrix` over a text, tokenized with the file's own vocabulary (BOS first)."""
-    from localmix.native.weights import vocabulary
+    from localmix.runtime.vocab import open_vocab
 
-    tokens = vocabulary(path).tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    tokens = open_vocab(path).tokenize(text.encode("utf-8"), add_bos=True, special=False)
     return compute_imatrix(path, tokens, n_ctx, progress)

@@ -104,7 +104,7 @@ def hparams(path: Path, reader) -> HParams:
     s = check_gguf(path)
     if s.architecture != "llama":
         raise InputError(f"{path} is a {s.architecture!r} model; the native engine runs llama-architecture "
-                         "models (Mistral, Mixtral)")
+                         "models (Llama, Mistral, Mixtral): run it with --engine llama.cpp")
 
     def kv(key, default=None):
         return field_value(reader, f"llama.{key}", default)
@@ -144,16 +144,3 @@ def load_weights(path: str | Path) -> Weights:
     output = take("output.weight", required=False) or by_name["token_embd.weight"]
     return Weights(hp, take("token_embd.weight"), layers, take("output_norm.weight"), output, reader)
 
-
-def vocabulary(path: str | Path):
-    """llama.cpp's reading of the file's tokenizer, without weights or a context: an object with
-    tokenize(bytes, add_bos, special), detokenize(tokens), token_bos(), token_eos(), as `Llama`'s."""
-    import llama_cpp
-    from llama_cpp._internals import LlamaModel
-
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    try:
-        return LlamaModel(path_model=str(path), params=params, verbose=False)
-    except ValueError as e:
-        raise InputError(f"llama.cpp could not read the vocabulary of {path}: {e}") from None

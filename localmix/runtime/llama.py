@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Iterator
 
 from localmix.errors import InputError
+from localmix.runtime.log import set_llama_log
 from localmix.runtime.offload import load_llama
 from localmix.runtime.planner import Plan
 from localmix.runtime.stream import ContextOverflow, Done, Piece, Sampling, common_prefix, reply_events
+from localmix.runtime.vocab import Vocab
 
 
 class LlamaCppEngine:
@@ -23,6 +25,7 @@ class LlamaCppEngine:
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None, verbose: bool = False,
                  plan: Plan | None = None, n_gpu_layers: int | None = None, repack: bool = False, **llama_kwargs):
         self.path, self.plan = Path(path), plan
+        set_llama_log(verbose)
         try:
             self.llm = load_llama(str(self.path), plan, n_gpu_layers, repack, n_ctx=n_ctx or 0, n_batch=512,
                                   use_mmap=True, n_threads=n_threads or os.cpu_count(), verbose=verbose, **llama_kwargs)
@@ -32,7 +35,7 @@ class LlamaCppEngine:
         # buffer keeps the size asked for, so the smaller of the two is what we can use
         self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self.metadata = dict(self.llm.metadata)
-        self.vocab = self.llm  # tokenize(bytes, add_bos, special), detokenize, token_bos, token_eos
+        self.vocab = Vocab(self.llm._model, owner=self.llm)  # llama.cpp's vocabulary of the loaded model
         self._lock = threading.Lock()
 
     def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
@@ -54,7 +57,7 @@ class LlamaCppEngine:
             stream = llm.generate(tokens, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
                                   repeat_penalty=s.repeat_penalty, reset=True)
             try:
-                yield from reply_events(stream, lambda t: llm.detokenize([t]), llm.token_eos(), len(tokens),
+                yield from reply_events(stream, self.vocab.piece, self.vocab.eog, len(tokens),
                                         len(tokens) - cached, self.n_ctx, s, cancel)
             finally:
                 stream.close()

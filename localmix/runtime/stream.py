@@ -17,7 +17,7 @@ import codecs
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Container, Iterator
 
 from localmix.errors import InputError
 
@@ -44,7 +44,7 @@ class Piece:
 
 @dataclass
 class Done:
-    reason: str                 # "eos", "stop" (a stop string), "length", "context" or "cancelled"
+    reason: str                 # "eos" (an end-of-generation token), "stop" (a stop string), "length", "context" or "cancelled"
     prompt_tokens: int          # the whole prompt
     prompt_evaluated: int       # of which evaluated now (the rest came from the KV cache)
     generated_tokens: int
@@ -89,11 +89,14 @@ class _StopFilter:
         return out, False
 
 
-def reply_events(stream: Iterator[int], token_bytes: Callable[[int], bytes], eos: int, n_prompt: int,
+def reply_events(stream: Iterator[int], token_bytes: Callable[[int], bytes], eog: Container[int], n_prompt: int,
                  n_evaluated: int, n_ctx: int, s: Sampling,
-                 cancel: threading.Event | None = None) -> Iterator[Piece | Done]:
+                 cancel: threading.Event | None = None, strip_space: bool = True) -> Iterator[Piece | Done]:
     """Turn `stream`, the sampled tokens (its first `next` evaluates the prompt), into events.
-    `n_evaluated` is how many prompt tokens are evaluated now (the rest are in the cache)."""
+    The reply ends at any token of `eog` (the vocabulary's end-of-generation tokens: EOS, EOT,
+    `<|im_end|>`, ...); `token_bytes` gives what a token shows (nothing for control tokens).
+    `n_evaluated` is how many prompt tokens are evaluated now (the rest are in the cache).
+    `strip_space=False` keeps the first token's leading space (a raw-text continuation)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = _StopFilter(tuple(s.stop))
     text, n_generated, reason = [], 0, "length"
@@ -109,12 +112,12 @@ def reply_events(stream: Iterator[int], token_bytes: Callable[[int], bytes], eos
         token = next(stream)
         if t_first is None:
             t_first = time.perf_counter()
-        if token == eos:
+        if token in eog:
             reason = "eos"
             break
         n_generated += 1
         piece = decoder.decode(token_bytes(token))
-        if n_generated == 1:
+        if n_generated == 1 and strip_space:
             piece = piece.removeprefix(" ")  # the SentencePiece word-start of the reply
         shown, stopped = stops.feed(piece)
         text.append(shown)

@@ -17,10 +17,9 @@ tokenizer, and `render` matches it token for token:
   ("[/INST]A"), which tokenizes differently; `render` gives such templates the reply with a
   leading space, which is exactly what the reference produces.
 
-`conversation_tokens(messages, template, llm.tokenize, bos, eos)` gives the prompt's token
-ids: exactly one BOS, and only the template's own BOS/EOS as control tokens, so a "</s>"
-typed in a message stays text. (`prompt_tokens` tokenizes already-rendered text with special
-tokens parsed, for text that holds no user-typed markers.)
+The prompt's token ids, for this and every other format, come from `prompt.chat_tokens`.
+(`prompt_tokens` here tokenizes already-rendered text with special tokens parsed, for text
+that holds no user-typed markers.)
 """
 
 from __future__ import annotations
@@ -204,30 +203,3 @@ def prompt_tokens(tokenize: Callable[..., list[int]], text: str, bos_id: int | N
             ids.insert(0, bos_id)
     return ids
 
-
-_BOS_MARK, _EOS_MARK = "\x00localmix-bos\x00", "\x00localmix-eos\x00"
-
-
-def conversation_tokens(messages: list[dict[str, Any]], template: str | None, tokenize: Callable[..., list[int]],
-                        bos_id: int, eos_id: int, add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation, with exactly one BOS, where only the template's own BOS
-    and EOS become control tokens: a "</s>" typed in a message stays text, as mistral-common
-    keeps it. The template is rendered with private markers for BOS/EOS; the text between
-    them is tokenized as plain text, each piece as llama.cpp tokenizes text that follows a
-    special token."""
-    text = render(messages, template, bos_token=_BOS_MARK, eos_token=_EOS_MARK,
-                  add_generation_prompt=add_generation_prompt)
-    ids: list[int] = []
-    for i, chunk in enumerate(text.split(_EOS_MARK)):
-        if i:
-            ids.append(eos_id)
-        for j, piece in enumerate(chunk.split(_BOS_MARK)):
-            if j:
-                ids.append(bos_id)
-            if piece:
-                ids.extend(tokenize(piece.encode("utf-8"), add_bos=False, special=False))
-    while ids[:2] == [bos_id, bos_id]:
-        ids.pop(0)
-    if ids[:1] != [bos_id]:
-        ids.insert(0, bos_id)
-    return ids

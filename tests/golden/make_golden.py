@@ -1,12 +1,13 @@
 """Regenerate golden.json: what llama.cpp's own converter writes for the tiny checkpoints.
 
-    python tests/golden/make_golden.py /path/to/llama.cpp/convert_hf_to_gguf.py
+    python tests/golden/make_golden.py /path/to/llama.cpp/convert_hf_to_gguf.py [CASE ...]
 
 The converter ships in llama-cpp-python's sdist (vendor/llama.cpp/); it needs torch and
 transformers. For every tiny checkpoint and --outtype, golden.json records each metadata
 key's type and value (arrays by digest) and each tensor's type, shape and data digest. The
 test suite converts the same checkpoints with localmix and compares against this record, so
-no network and no llama.cpp checkout are needed at test time.
+no network and no llama.cpp checkout are needed at test time. Naming CASEs regenerates only
+those and keeps the others' records.
 """
 
 import hashlib
@@ -20,10 +21,10 @@ import numpy as np
 from gguf import GGUFReader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from localmix.fixtures.tiny import make_tiny_checkpoint
+from localmix.fixtures.tiny import TinySpec, make_tiny_checkpoint
 
-CASES = {"mixtral": {}, "mistral": {"dense": True}}
-TYPES = ["f32", "f16", "bf16", "q8_0"]
+CASES = {"mixtral": TinySpec(), "mistral": TinySpec(dense=True), "mixtral8x22b": TinySpec.mixtral_8x22b()}
+TYPES = {"mixtral": ["f32", "f16", "bf16", "q8_0"], "mistral": ["f32", "f16", "bf16", "q8_0"], "mixtral8x22b": ["f32"]}
 
 
 def digest(b: bytes) -> str:
@@ -45,18 +46,21 @@ def describe(path: Path) -> dict:
     return {"kv": kv, "tensors": tensors}
 
 
-def main(converter: str) -> None:
-    golden = {}
+def main(converter: str, cases: list[str]) -> None:
+    record = Path(__file__).parent / "golden.json"
+    golden = json.loads(record.read_text()) if cases and record.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
-        for case, kwargs in CASES.items():
-            src = make_tiny_checkpoint(Path(tmp) / case, **kwargs)
-            for t in TYPES:
+        for case, spec in CASES.items():
+            if cases and case not in cases:
+                continue
+            src = make_tiny_checkpoint(Path(tmp) / case, spec)
+            for t in TYPES[case]:
                 out = Path(tmp) / f"{case}-{t}.gguf"
                 subprocess.run([sys.executable, converter, str(src), "--outtype", t, "--outfile", str(out)],
                                check=True, capture_output=True)
                 golden[f"{case}-{t}"] = describe(out)
-    (Path(__file__).parent / "golden.json").write_text(json.dumps(golden, indent=1, ensure_ascii=False) + "\n")
+    record.write_text(json.dumps(golden, indent=1, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])

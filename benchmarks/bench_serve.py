@@ -1,0 +1,142 @@
+"""Serving throughput and time to first token: `localmix serve` against llama-cpp-python's own
+server (`python -m llama_cpp.server`), same GGUF, same threads, in one run.
+
+1, 4 and 8 clients stream chat completions at once (each `--requests` in a row, `--max-tokens`
+tokens, temperature 0.8 with a per-request seed, so the replies differ); reported: total
+generated tokens per second over the wall time, and the p50/p99 time to the first token.
+llama-cpp-python's server runs with `--interrupt_requests False` (its default lets a new request
+cut the running one short, which would make it look faster than it is); localmix runs with
+`--parallel 8`. Traffic stays on 127.0.0.1.
+
+    python benchmarks/bench_serve.py [--model FILE.gguf] [--threads 2] [--max-tokens 48]
+
+Without --model the tiny test Mixtral is built (fixtures) and converted to Q8_0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model(directory: Path) -> Path:
+    from localmix.convert.pipeline import convert
+    from localmix.fixtures.tiny import make_tiny_checkpoint
+
+    out = directory / "tiny-mixtral-Q8_0.gguf"
+    if not out.exists():
+        convert(make_tiny_checkpoint(directory / "tiny-mixtral"), out, "Q8_0")
+    return out
+
+
+def start(cmd: list[str], port: int, log: Path, ready: str) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{cmd[:4]} exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}{ready}", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"{cmd[:4]} did not come up")
+
+
+async def client(http: httpx.AsyncClient, model: str, k: int, requests: int, max_tokens: int, ttfts: list, counts: list):
+    for r in range(requests):
+        body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0.8, "seed": 1000 * k + r,
+                "messages": [{"role": "user", "content": f"Client {k} asks question {r}: tell me a story."}]}
+        t0, first, n = time.perf_counter(), None, 0
+        async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                    n += 1
+                    if first is None:
+                        first = time.perf_counter()
+        ttfts.append((first or time.perf_counter()) - t0)
+        counts.append(n)
+
+
+def measure(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+    async def main():
+        ttfts, counts = [], []
+        async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(client(http, model, k, requests, max_tokens, ttfts, counts) for k in range(clients)))
+            wall = time.perf_counter() - t0
+        ttfts.sort()
+        return {"tps": sum(counts) / wall, "p50": statistics.median(ttfts),
+                "p99": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))], "tokens": sum(counts)}
+    return asyncio.run(main())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--requests", type=int, default=2, help="requests per client, one after the other")
+    ap.add_argument("--ctx", type=int, default=1024)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    model = args.model or tiny_model(work)
+    env_py = [sys.executable]
+    servers = {
+        "localmix": (env_py + ["-m", "localmix", "serve", str(model), "--parallel", "8", "--ctx", str(args.ctx),
+                               "--alias", "m", "--queue", "64"], "/health"),
+        "llama-cpp-python": (env_py + ["-m", "llama_cpp.server", "--model", str(model), "--n_threads",
+                                       str(args.threads), "--n_ctx", str(args.ctx), "--model_alias", "m",
+                                       "--interrupt_requests", "False"], "/v1/models"),
+    }
+    results = {}
+    for name, (cmd, ready) in servers.items():
+        port = free_port()
+        cmd = cmd + ["--port", str(port)]
+        proc = start(cmd, port, work / f"{name}.log", ready)
+        try:
+            for clients in (1, 4, 8):
+                results[name, clients] = measure(f"http://127.0.0.1:{port}", "m", clients, args.requests,
+                                                 args.max_tokens)
+                r = results[name, clients]
+                print(f"{name:17s} {clients} client(s): {r['tps']:7.1f} tok/s, TTFT p50 {r['p50'] * 1000:7.1f} ms, "
+                      f"p99 {r['p99'] * 1000:7.1f} ms ({r['tokens']} tokens)", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    print(f"\n{model.name}, {args.threads} threads, {args.max_tokens} tokens per request, {args.requests} "
+          "request(s) per client\n")
+    print("| clients | localmix tok/s | llama-cpp-python tok/s | ratio | TTFT p50 localmix / llama-cpp-python | p99 |")
+    print("|---|---|---|---|---|---|")
+    for clients in (1, 4, 8):
+        a, b = results["localmix", clients], results["llama-cpp-python", clients]
+        print(f"| {clients} | {a['tps']:.1f} | {b['tps']:.1f} | {a['tps'] / b['tps']:.2f}x | "
+              f"{a['p50'] * 1000:.0f} / {b['p50'] * 1000:.0f} ms | {a['p99'] * 1000:.0f} / {b['p99'] * 1000:.0f} ms |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""What every API dialect shares: the server's state, its errors, prompt tokens, and running a
+generation on the scheduler as an async stream of events.
+
+`ApiError(status, message, param)` is raised by a dialect and rendered by app.py in the shape of
+the dialect the path belongs to (OpenAI's `{"error": {...}}`, ollama's `{"error": "..."}`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from localmix.errors import InputError
+from localmix.frontends.server.scheduler import Busy, Job, Scheduler
+from localmix.runtime.prompt import chat_tokens
+from localmix.runtime.stream import Done, Piece, Sampling
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+        self.headers = headers or {}
+
+
+@dataclass
+class Options:
+    """How the server was started (the CLI's flags)."""
+    model_name: str
+    api_key: str | None = None
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "[::1]", "::1")
+    cors: tuple[str, ...] = ()
+    max_body: int = 4 << 20
+    sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=1024))
+    retry_after: int = 2
+
+
+@dataclass
+class State:
+    options: Options
+    engine: object = None          # a LlamaCppEngine once loaded
+    scheduler: Scheduler | None = None
+    load_error: str | None = None
+    started: float = field(default_factory=time.time)
+    http_requests: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.scheduler is not None
+
+    def require(self) -> Scheduler:
+        if self.scheduler is None:
+            raise ApiError(503, self.load_error or "the model is still loading", kind="server_error",
+                           headers={"Retry-After": str(self.options.retry_after)})
+        return self.scheduler
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in (self.options.model_name, "localmix"):
+            raise ApiError(404, f"the model {name!r} does not exist; this server has {self.options.model_name!r}",
+                           param="model", code="model_not_found")
+
+
+def chat_prompt(state: State, messages: list[dict]) -> list[int]:
+    """The prompt tokens of a conversation: the one function the dialects call for it."""
+    try:
+        tokens = chat_tokens(state.engine.vocab, state.engine.metadata, messages)
+    except InputError as e:
+        raise ApiError(400, str(e), param="messages") from None
+    return check_context(state, tokens)
+
+
+def text_prompt(state: State, text: str) -> list[int]:
+    """A raw completion prompt: BOS, then the text (control tokens written in it are parsed)."""
+    return check_context(state, state.engine.tokenize(text, add_bos=True, special=True))
+
+
+def check_context(state: State, tokens: list[int]) -> list[int]:
+    n_ctx = state.scheduler.n_ctx
+    if len(tokens) >= n_ctx:
+        raise ApiError(400, f"the prompt has {len(tokens)} tokens but the context holds {n_ctx}; shorten it "
+                       "(or restart the server with a larger --ctx)", param="messages", code="context_length_exceeded")
+    return tokens
+
+
+def sampling_from(state: State, *, temperature=None, top_p=None, top_k=None, min_p=None, repeat_penalty=None,
+                  seed=None, max_tokens=None, stop=None) -> Sampling:
+    """The server's sampling (its flags), overridden by what the request set."""
+    base = state.options.sampling
+    if isinstance(stop, str):
+        stop = [stop]
+    return Sampling(temperature=base.temperature if temperature is None else temperature,
+                    top_k=base.top_k if top_k is None else top_k, top_p=base.top_p if top_p is None else top_p,
+                    min_p=base.min_p if min_p is None else min_p,
+                    repeat_penalty=base.repeat_penalty if repeat_penalty is None else repeat_penalty,
+                    seed=base.seed if seed is None else seed,
+                    max_tokens=base.max_tokens if max_tokens is None else max_tokens,
+                    stop=tuple(s for s in (stop or base.stop) if s))
+
+
+class Run:
+    """One job on the scheduler, submitted at once (a full queue is a 503 before any byte of the
+    reply is sent); `async for event in run` yields its Pieces and its Done. Leaving early (a
+    client that disconnected, an error) cancels the sequence."""
+
+    def __init__(self, state: State, job_kwargs: dict):
+        self.scheduler = state.require()
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.job = Job(emit=lambda e: loop.call_soon_threadsafe(self.queue.put_nowait, e), **job_kwargs)
+        self.finished = False
+        try:
+            self.scheduler.submit(self.job)
+        except Busy:
+            raise ApiError(503, "the server is busy: every slot is taken and the queue is full; retry shortly",
+                           kind="server_error", code="overloaded",
+                           headers={"Retry-After": str(state.options.retry_after)}) from None
+
+    async def __aiter__(self) -> AsyncIterator[Piece | Done]:
+        try:
+            while True:
+                event = await self.queue.get()
+                if isinstance(event, Exception):
+                    self.finished = True
+                    if isinstance(event, ValueError):
+                        raise ApiError(400, str(event))
+                    raise event
+                if isinstance(event, Done):
+                    self.finished = True
+                    yield event
+                    return
+                yield event
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.scheduler.cancel(self.job)
+
+
+async def collect(run: Run, request=None) -> Done:
+    """Run a job to its end; with `request`, a client that disconnects cancels it."""
+    async def drain() -> Done:
+        async for event in run:
+            if isinstance(event, Done):
+                return event
+        raise ApiError(500, "the generation ended without a result", kind="server_error")
+
+    task = asyncio.ensure_future(drain())
+    if request is None:
+        return await task
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    run.close()
+    raise ApiError(499, "the client closed the connection", kind="server_error")
+
+
+async def _disconnected(request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"

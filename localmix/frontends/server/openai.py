@@ -1,0 +1,181 @@
+"""The OpenAI dialect: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
+
+Streaming is server-sent events ending in `data: [DONE]`; usage comes as a last chunk only when
+`stream_options.include_usage` asks for it, as OpenAI does. Mistral's client talks to the same
+chat endpoint (`random_seed`, `safe_prompt`, `tool_choice: "any"`: see mistral.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from localmix.frontends.server import mistral, structured
+from localmix.frontends.server.common import ApiError, Run, State, chat_prompt, collect, sampling_from, sse, text_prompt
+from localmix.frontends.server.schemas import ACCEPTED, UNSUPPORTED, ChatRequest, Common, CompletionRequest
+from localmix.runtime.stream import Done, Piece
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
+
+
+def router(state: State) -> APIRouter:
+    api = APIRouter()
+
+    @api.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @api.get("/v1/models/{name}")
+    async def model(name: str):
+        state.check_model(name)
+        return _model_card(state)
+
+    @api.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        state.require()
+        check_params(body)
+        state.check_model(body.model)
+        messages = mistral.with_safe_prompt([m.model_dump(exclude_none=True) for m in body.messages], body.safe_prompt)
+        plan = structured.plan(state, body, messages)
+        tokens = chat_prompt(state, plan.messages)
+        job = _job(state, body, tokens, max_tokens=body.max_completion_tokens or body.max_tokens, grammar=plan.grammar)
+        run = Run(state, job)
+        rid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
+        head = {"id": rid, "created": created, "model": state.options.model_name}
+        if not body.stream:
+            done = await collect(run, request)
+            message, finish = plan.reply(done.text), FINISH[done.reason]
+            if message.get("tool_calls"):
+                finish = "tool_calls"
+            return {**head, "object": "chat.completion", "system_fingerprint": "localmix",
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                    "usage": _usage(done)}
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(run, head, "chat.completion.chunk", usage, plan)
+
+    @api.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        state.require()
+        check_params(body)
+        state.check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, "one prompt per request: 'prompt' must be a string or a list of one string",
+                           param="prompt")
+        job = _job(state, body, text_prompt(state, prompts[0]), max_tokens=body.max_tokens, strip_space=False)
+        run = Run(state, job)
+        rid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
+        head = {"id": rid, "created": created, "model": state.options.model_name}
+        if not body.stream:
+            done = await collect(run, request)
+            return {**head, "object": "text_completion", "system_fingerprint": "localmix",
+                    "choices": [{"index": 0, "text": done.text, "finish_reason": FINISH[done.reason], "logprobs": None}],
+                    "usage": _usage(done)}
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(run, head, "text_completion", usage, None)
+
+    return api
+
+
+def check_params(body: Common) -> None:
+    """Every parameter is used, harmless (ACCEPTED) or a 400 that names it."""
+    for name, value in (body.model_extra or {}).items():
+        if name in ACCEPTED:
+            continue
+        if name in UNSUPPORTED:
+            if value in (None, False, 0):  # clients that send the default
+                continue
+            raise ApiError(400, f"the parameter {name!r} is not supported by localmix", param=name,
+                           code="unsupported_parameter")
+        raise ApiError(400, f"unknown parameter {name!r}", param=name, code="unknown_parameter")
+    if body.seed is not None and body.random_seed is not None and body.seed != body.random_seed:
+        raise ApiError(400, "'seed' and 'random_seed' disagree; give one", param="random_seed")
+
+
+def _job(state: State, body: Common, tokens: list[int], max_tokens: int | None, grammar: str | None = None,
+         strip_space: bool = True) -> dict:
+    seed = body.seed if body.seed is not None else body.random_seed
+    sampling = sampling_from(state, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                             repeat_penalty=body.repetition_penalty, seed=seed, max_tokens=max_tokens, stop=body.stop)
+    if len(sampling.stop) > 4:
+        raise ApiError(400, "at most 4 stop sequences", param="stop")
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < state.engine.llm.n_vocab():
+            raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise ApiError(400, "logit_bias values must lie in [-100, 100]", param="logit_bias")
+        bias[int(key)] = float("-inf") if value == -100 else value
+    return dict(tokens=tokens, sampling=sampling, frequency_penalty=body.frequency_penalty or 0.0,
+                presence_penalty=body.presence_penalty or 0.0, logit_bias=bias, grammar=grammar,
+                strip_space=strip_space)
+
+
+def _usage(done: Done) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.generated_tokens,
+            "total_tokens": done.prompt_tokens + done.generated_tokens}
+
+
+def _model_card(state: State) -> dict:
+    card = {"id": state.options.model_name, "object": "model", "created": int(state.started), "owned_by": "localmix"}
+    # Mistral's model card adds these (its client requires `type`); OpenAI's clients ignore them
+    n_ctx = state.scheduler.n_ctx if state.scheduler is not None else None
+    return {**card, "type": "base", "name": state.options.model_name, "max_context_length": n_ctx, "aliases": [],
+            "capabilities": {"completion_chat": True, "completion_fim": False, "function_calling": True,
+                             "fine_tuning": False, "vision": False}}
+
+
+def _stream(events, head: dict, kind: str, include_usage: bool, plan) -> StreamingResponse:
+    chat = kind == "chat.completion.chunk"
+
+    def chunk(delta=None, finish=None, text=None):
+        choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+        choice.update({"delta": delta or {}} if chat else {"text": text or ""})
+        return sse({**head, "object": kind, "system_fingerprint": "localmix", "choices": [choice],
+                    **({"usage": None} if include_usage else {})})
+
+    async def body():
+        parser = plan.stream_parser() if plan is not None else None
+        try:
+            if chat:
+                yield chunk({"role": "assistant", "content": ""})
+            async for event in events:
+                if isinstance(event, Piece):
+                    if not event.text:
+                        continue
+                    if not chat:
+                        yield chunk(text=event.text)
+                    else:
+                        for delta in (parser.feed(event.text) if parser else [{"content": event.text}]):
+                            yield chunk(delta)
+                elif isinstance(event, Done):
+                    finish = FINISH[event.reason]
+                    if parser:
+                        for delta in parser.close():
+                            yield chunk(delta)
+                        if parser.called:
+                            finish = "tool_calls"
+                    yield chunk(finish=finish)
+                    if include_usage:
+                        yield sse({**head, "object": kind, "system_fingerprint": "localmix", "choices": [],
+                                   "usage": _usage(event)})
+            yield b"data: [DONE]\n\n"
+        except ApiError as e:  # after the headers went out: the error goes in the stream
+            yield sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
+        finally:
+            events.close()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def error_body(e: ApiError) -> JSONResponse:
+    return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}},
+                        status_code=e.status, headers=e.headers)
+
+
+def json_dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False)

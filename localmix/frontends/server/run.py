@@ -1,0 +1,95 @@
+"""`localmix serve`: check the flags, start serving, load the model meanwhile, serve until
+SIGINT/SIGTERM (stop accepting, let running requests finish for a few seconds, then the
+scheduler cancels what is left and frees llama.cpp's context).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from localmix.errors import InputError
+from localmix.frontends.server.common import Options, State
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 8080, parallel: int = 1,
+          queue: int = 16, chunk: int = 128, ctx: int | None = None, load_options: dict | None = None,
+          allow_hosts: tuple[str, ...] = (), announce=print) -> None:
+    import uvicorn
+
+    from localmix.frontends.server.app import build_app
+    from localmix.gguf.check import check_gguf
+
+    options.api_key = options.api_key or os.environ.get("LOCALMIX_API_KEY") or None
+    if not is_loopback(host) and not options.api_key:
+        raise InputError(f"--host {host} is reachable from other machines: set --api-key (or LOCALMIX_API_KEY) "
+                         "to serve there, or keep the default 127.0.0.1")
+    if parallel < 1:
+        raise InputError("--parallel must be at least 1")
+    extra = {host.lower(), *(h.lower() for h in allow_hosts)}
+    if not is_loopback(host) and host not in ("0.0.0.0", "::"):
+        extra.add(f"[{host}]" if ":" in host else host)
+    options.allowed_hosts = tuple(sorted(set(options.allowed_hosts) | extra))
+    check_gguf(path)  # a broken file is a clean error now, not a failed load later
+    try:  # a port in use is a clean error too
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host.strip("[]"), port))
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+    def load(state: State) -> None:
+        from localmix.frontends.load import open_engine
+        from localmix.frontends.server.scheduler import Scheduler
+
+        engine = open_engine(path, ctx=ctx, **(load_options or {}))
+        state.engine = engine
+        state.scheduler = Scheduler(engine.llm, parallel=parallel, n_ctx=engine.n_ctx, queue_size=queue, chunk=chunk)
+        logging.getLogger("localmix.server").info("model loaded: %s, %d slot(s) of %d tokens", path.name, parallel,
+                                                  engine.n_ctx)
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    state = State(options)
+    app = build_app(state)
+    shown = f"[{host}]" if ":" in host else host
+    announce(f"localmix serving {options.model_name} ({path}) at http://{shown}:{port}  "
+             f"(OpenAI: /v1, ollama: /api, {parallel} slot(s){', API key required' if options.api_key else ''})")
+    config = uvicorn.Config(app, host=host.strip("[]"), port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5, lifespan="on")
+    server = uvicorn.Server(config)
+    # HTTP in a thread, the model loaded here in the main thread meanwhile (/health says 503
+    # until it is done). Loaded from a thread instead, llama.cpp's CPU threads decoded 15-60x
+    # slower on 2 cores (measured); the main thread also gets the signals.
+    http = threading.Thread(target=server.run, name="localmix-http", daemon=True)
+
+    def stop(*_):
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    http.start()
+    try:
+        load(state)
+    except Exception as e:  # shown on /health and in the log; the server keeps answering
+        state.load_error = f"the model failed to load: {e}"
+        logging.getLogger("localmix.server").error(state.load_error)
+    while http.is_alive():
+        http.join(0.5)
+    announce("localmix stopped")

@@ -1,0 +1,180 @@
+"""Structured output and tool calls, for every dialect: what the prompt gets, the grammar that
+constrains sampling, and how the reply's text turns back into a message.
+
+- `response_format` `json_object` / `json_schema`: llama.cpp's GBNF from llama-cpp-python's
+  JSON grammar and JSON-schema converter, so the reply always parses (and validates).
+- `tools` on a model without tool tokens (Mixtral 8x7B's v1 tokenizer): the tools are described
+  in the system prompt with the form of a call, `{"name": ..., "arguments": {...}}`; with
+  `tool_choice` `required`/`any` or a named function a grammar forces such a call (its
+  arguments by the function's JSON schema), with `auto` a reply of that form is read as a call.
+  Calls get 9-character ids, as Mistral's API gives them. Tool results and earlier calls are put
+  back into the conversation as text, so v1 templates (user/assistant only) still render it.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+from dataclasses import dataclass, field
+
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+from localmix.frontends.server.common import ApiError
+
+ID_CHARS = string.ascii_letters + string.digits
+TOOL_PROMPT = ("You can call these tools (JSON schema of each):\n{tools}\n\nTo call a tool, reply with only a JSON "
+               'object of the form {{"name": "<tool name>", "arguments": {{...}}}} and nothing else.')
+
+
+def call_id() -> str:
+    return "".join(secrets.choice(ID_CHARS) for _ in range(9))
+
+
+def schema_grammar(schema: dict, param: str) -> str:
+    try:
+        return json_schema_to_gbnf(json.dumps(schema), prop_order=["name", "arguments"])
+    except Exception as e:  # the converter raises bare Exceptions for schemas it cannot express
+        raise ApiError(400, f"{param}: cannot turn this JSON schema into a grammar: {e}", param=param) from None
+
+
+@dataclass
+class Plan:
+    messages: list[dict]
+    grammar: str | None = None
+    tools: dict[str, dict] = field(default_factory=dict)   # name -> parameters schema
+    forced: bool = False                                   # a tool call is required
+
+    def parse_call(self, text: str) -> dict | None:
+        """A tool call in OpenAI's shape, when the reply is one."""
+        if not self.tools:
+            return None
+        body = text.strip().removeprefix("[TOOL_CALLS]").strip()
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return None
+        if isinstance(obj, list) and len(obj) == 1:
+            obj = obj[0]
+        if not isinstance(obj, dict) or obj.get("name") not in self.tools or not isinstance(obj.get("arguments", {}), dict):
+            return None
+        return {"id": call_id(), "type": "function",
+                "function": {"name": obj["name"], "arguments": json.dumps(obj.get("arguments", {}), ensure_ascii=False)}}
+
+    def reply(self, text: str) -> dict:
+        call = self.parse_call(text)
+        if call is not None:
+            return {"role": "assistant", "content": None, "tool_calls": [call]}
+        return {"role": "assistant", "content": text}
+
+    def stream_parser(self) -> StreamParser:
+        return StreamParser(self)
+
+
+class StreamParser:
+    """Streams content deltas as they come, except a reply that may be a tool call (tools given
+    and the reply starts with "{" or "[TOOL_CALLS]"): that is held and sent as one tool_calls
+    delta when it parses, or as content when it does not."""
+
+    def __init__(self, plan: Plan):
+        self.plan, self.held, self.mode, self.called = plan, "", "undecided" if plan.tools else "text", False
+
+    def feed(self, text: str) -> list[dict]:
+        if self.mode == "text":
+            return [{"content": text}]
+        self.held += text
+        if self.mode == "undecided":
+            head = self.held.lstrip()
+            if not head:
+                return []
+            could_be_call = head[0] in "{[" or "[TOOL_CALLS]".startswith(head[:12]) or head.startswith("[TOOL_CALLS]")
+            if self.plan.forced or could_be_call:
+                self.mode = "call"
+            else:
+                self.mode, out, self.held = "text", self.held, ""
+                return [{"content": out}]
+        return []
+
+    def close(self) -> list[dict]:
+        if not self.held:
+            return []
+        call = self.plan.parse_call(self.held)
+        if call is None:
+            return [{"content": self.held}]
+        self.called = True
+        return [{"tool_calls": [{"index": 0, **call}]}]
+
+
+def plan(state, body, messages: list[dict]) -> Plan:
+    """What a chat request asks for beyond plain text: `body` has `response_format`, `tools`,
+    `tool_choice` (OpenAI's models in schemas.py, or ollama's mapped onto them)."""
+    messages = _as_text(messages)
+    fmt = getattr(body, "response_format", None)
+    tools = getattr(body, "tools", None) or []
+    choice = getattr(body, "tool_choice", None)
+    grammar = None
+    if fmt is not None and fmt.type == "json_object":
+        grammar = JSON_GBNF
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise ApiError(400, "response_format: json_schema needs a 'json_schema' object", param="response_format")
+        grammar = schema_grammar(fmt.json_schema.schema_, "response_format")
+    if not tools or choice == "none":
+        if choice not in (None, "none", "auto") and not tools:
+            raise ApiError(400, "tool_choice is set but no tools are given", param="tool_choice")
+        return Plan(messages, grammar)
+    if grammar is not None:
+        raise ApiError(400, "give either response_format or tools, not both", param="response_format")
+    specs = {t.function.name: t.function.parameters or {"type": "object", "properties": {}} for t in tools}
+    named = getattr(getattr(choice, "function", None), "name", None)
+    if named is not None and named not in specs:
+        raise ApiError(400, f"tool_choice names {named!r}, which is not among the tools", param="tool_choice")
+    described = json.dumps([{"name": t.function.name, "description": t.function.description or "",
+                             "parameters": specs[t.function.name]} for t in tools], ensure_ascii=False)
+    messages = _with_system(messages, TOOL_PROMPT.format(tools=described))
+    forced = choice in ("required", "any") or named is not None
+    if forced:
+        names = [named] if named else list(specs)
+        calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": specs[n]},
+                  "required": ["name", "arguments"]} for n in names]
+        grammar = schema_grammar(calls[0] if len(calls) == 1 else {"anyOf": calls}, "tools")
+    return Plan(messages, grammar, specs, forced)
+
+
+def _with_system(messages: list[dict], text: str) -> list[dict]:
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}] + messages[1:]
+    return [{"role": "system", "content": text}] + messages
+
+
+def _as_text(messages: list[dict]) -> list[dict]:
+    """Messages as {role, content} text: earlier tool calls as their JSON, tool results as user
+    turns, "developer" as "system", and same-role neighbours joined so the roles alternate."""
+    out: list[dict] = []
+    for m in messages:
+        role, content = m["role"], m.get("content") or ""
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content)
+        if role == "developer":
+            role = "system"
+        if role == "assistant" and m.get("tool_calls"):
+            calls = [{"name": c["function"]["name"], "arguments": _loads(c["function"].get("arguments"))}
+                     for c in m["tool_calls"]]
+            content = (content + "\n" if content else "") + json.dumps(calls[0] if len(calls) == 1 else calls,
+                                                                       ensure_ascii=False)
+        if role == "tool":
+            role, content = "user", f"Tool result ({m.get('tool_call_id') or m.get('name') or 'call'}): {content}"
+        if out and out[-1]["role"] == role and role != "system":
+            out[-1] = {"role": role, "content": out[-1]["content"] + "\n\n" + content}
+        else:
+            out.append({"role": role, "content": content})
+    return out
+
+
+def _loads(arguments):
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments

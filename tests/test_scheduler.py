@@ -1,0 +1,65 @@
+"""The batched scheduler on its own (no HTTP): a full queue says Busy, a cancelled prompt stops
+within a step, a slot reuses the prompt prefix of its previous request, and greedy replies equal
+the llama.cpp engine's (`localmix run`'s path)."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+
+from localmix.frontends.load import open_engine
+from localmix.frontends.oneshot import conversation_tokens
+from localmix.frontends.server.scheduler import Busy, Job, Scheduler
+from localmix.runtime.stream import Done, Sampling
+
+GREEDY = Sampling(temperature=0, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def engine(converted):
+    return open_engine(converted("mixtral", "Q8_0"), ctx=1024)
+
+
+def wait(q: queue.Queue) -> Done:
+    for _ in range(10_000):
+        event = q.get(timeout=60)
+        if isinstance(event, Done):
+            return event
+    raise AssertionError("no Done")
+
+
+def test_queue_cancel_and_prefix_reuse(engine):
+    s = Scheduler(engine.llm, parallel=1, n_ctx=1024, queue_size=2, chunk=8)
+    try:
+        long = conversation_tokens(engine, [{"role": "user", "content": "word " * 600}])
+        first, second = queue.Queue(), queue.Queue()
+        job = Job(long, GREEDY, first.put)
+        s.submit(job)
+        s.submit(Job(long[:50], GREEDY, second.put))
+        with pytest.raises(Busy):  # the queue holds 2
+            for _ in range(3):
+                s.submit(Job(long[:10], GREEDY, queue.Queue().put))
+        s.cancel(job)
+        done = wait(first)
+        assert done.reason == "cancelled" and done.generated_tokens == 0
+        assert s.metrics.max_cancel_lag <= 1
+        assert wait(second).reason in ("eos", "length")
+        # the same conversation, one turn longer: only the new tokens are evaluated
+        talk = [{"role": "user", "content": "Hello there"}]
+        q = queue.Queue()
+        start = conversation_tokens(engine, talk)
+        s.submit(Job(start, GREEDY, q.put))
+        reply = wait(q)
+        before = s.metrics.prompt_tokens
+        more = talk + [{"role": "assistant", "content": reply.text}, {"role": "user", "content": "And then?"}]
+        tokens = conversation_tokens(engine, more)
+        s.submit(Job(tokens, GREEDY, q.put))
+        again = wait(q)
+        assert again.prompt_evaluated <= len(tokens) - len(start)  # at least the first prompt came from the cache
+        assert s.metrics.prompt_tokens - before == again.prompt_evaluated
+        # greedy equals the llama.cpp engine's reply for the same tokens
+        direct = [e for e in engine.generate(tokens, GREEDY)][-1]
+        assert again.text == direct.text
+    finally:
+        s.close()
