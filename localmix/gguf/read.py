@@ -134,6 +134,10 @@ class Reader(GGUFReader):
         raise Corrupt(f"the metadata has an array of unknown item type {itype}")
 
     def _push_field(self, field, skip_sum=False):
+        if field.name in self.fields:
+            raise Corrupt(f"metadata key {field.name[:60]} appears twice (llama.cpp refuses duplicate keys)")
+        if not field.name:
+            raise Corrupt("the metadata has a key with an empty name (llama.cpp refuses it)")
         if len(field.types) == 2 and field.types[1] == GGUFValueType.STRING and not field.data:
             field = StringArray(*field)
         return super()._push_field(field, skip_sum)
@@ -151,6 +155,8 @@ class Reader(GGUFReader):
         for f in fields:
             name, dims = f.name, [int(d) for d in f.parts[3]]
             raw_type, offset = int(f.parts[4][0]), int(f.parts[5][0])
+            if any(name == other for other, _, _ in spans):
+                raise Corrupt(f"tensor {name} appears twice in the tensor table")
             if len(name.encode()) >= GGML_MAX_NAME:
                 raise Corrupt(f"tensor name {name[:40]!r}... is longer than llama.cpp allows")
             if len(dims) > GGML_MAX_DIMS or any(d < 1 or d >= 2**63 for d in dims):
