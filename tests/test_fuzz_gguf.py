@@ -20,10 +20,13 @@ import pytest
 from conftest import run_localmix
 
 from localmix.fixtures.mutate import KV, Layout, Mutant, Mutator, T, check_mutants
+from localmix.fixtures.tiny import MIXTRAL_CHAT_TEMPLATE
 from localmix.frontends.cli import main
 from localmix.gguf.check import check_gguf
+from localmix.gguf.info import describe
 from localmix.gguf.read import HEADER_CAP
 from localmix.gguf.scan import first_invalid_utf8, string_spans
+from localmix.runtime.llama import LlamaCppEngine
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +145,14 @@ def test_a_valid_file_with_a_large_metadata_array_is_described(layout, tmp_path,
 
 def test_a_name_that_is_not_utf8_is_shown_with_replacement_characters(mutator, source, tmp_path, capsys):
     path = mutator._set("n", KV(b"general.name", T.STRING, b"Tiny \xff Mixtral")).write(tmp_path / "n.gguf", source)
-    code, err = cli("info", path, "--json", capsys=capsys)
-    assert code == 0 and not err
-    for argv in (["plan", path, "--ctx", "64", "--json"], ["run", path, "-n", "2", "--ctx", "64", "hi"]):
-        r = run_localmix(*argv)   # llama.cpp loads this one: a subprocess, so that an abort would show
-        assert r.returncode == 0 and not r.stderr, r.stderr
+    for argv in (["info", path, "--json"], ["plan", path, "--ctx", "64", "--json"]):
+        code, err = cli(*argv, capsys=capsys)
+        assert code == 0 and not err
+    assert "Tiny \ufffd Mixtral" in describe(path)["name"]
+    r = run_localmix("run", path, "-n", "2", "--ctx", "64", "hi")  # llama.cpp loads it: in a subprocess, where an abort shows
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    engine = LlamaCppEngine(path, n_ctx=64)  # llama-cpp-python reads no metadata at all from such a file
+    assert engine.metadata["tokenizer.chat_template"] == MIXTRAL_CHAT_TEMPLATE
 
 
 # --- the fuzz ------------------------------------------------------------------------------
@@ -169,7 +175,7 @@ def test_the_utf8_scan_agrees_with_python():
 
 
 def test_thousands_of_mutants_get_a_clean_line_or_pass(layout, tmp_path):
-    run = check_mutants(layout, tmp_path / "m.gguf", cases=2000, seconds=40, seed=1)
+    run = check_mutants(layout, tmp_path / "m.gguf", cases=2000, seconds=20, seed=1)
     assert run.unexpected == []
     assert run.cases >= 500 and run.refused > run.cases // 2 and run.n_passed > 0
 
@@ -177,7 +183,7 @@ def test_thousands_of_mutants_get_a_clean_line_or_pass(layout, tmp_path):
 def test_mutants_that_pass_the_checker_run_cleanly_through_the_cli(layout, source, tmp_path):
     run = check_mutants(layout, tmp_path / "m.gguf", cases=400, seed=2, keep=400)
     assert run.unexpected == []
-    for i, m in enumerate(random.Random(2).sample(run.passed, 3)):
+    for i, m in enumerate(random.Random(2).sample(run.passed, 2)):
         path = m.write(tmp_path / f"pass-{i}.gguf", source)
         for argv in (["run", path, "-n", "2", "--ctx", "64", "--temperature", "0", "hi"], ["info", path])[: 2 - i % 2]:
             r = run_localmix(*argv)

@@ -24,6 +24,19 @@ def _load_error(e: Exception) -> str:
     return first if isinstance(e, ValueError) and not isinstance(e, UnicodeError) else f"{type(e).__name__}: {first}"
 
 
+def _metadata(path: Path) -> dict[str, str]:
+    """The file's scalar metadata as strings, as `Llama.metadata` gives it, read by localmix:
+    llama-cpp-python decodes every value as strict UTF-8 and, at the first that is not (a
+    `general.name` in Latin-1), gives up and returns nothing, chat template included."""
+    from gguf import GGUFValueType
+
+    from localmix.gguf.read import field_value, open_gguf
+
+    r = open_gguf(path)
+    return {key: str(field_value(r, key)) for key, f in r.fields.items()
+            if not key.startswith("GGUF.") and f.types[0] != GGUFValueType.ARRAY}
+
+
 class LlamaCppEngine:
     """llama.cpp through llama-cpp-python, the GGUF memory-mapped. The KV cache is kept
     between calls: a prompt that extends the previous one evaluates only the new tokens."""
@@ -41,7 +54,7 @@ class LlamaCppEngine:
         # llama.cpp rounds the context up to a multiple of 256; llama-cpp-python's token
         # buffer keeps the size asked for, so the smaller of the two is what we can use
         self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
-        self.metadata = dict(self.llm.metadata)
+        self.metadata = dict(self.llm.metadata) or _metadata(self.path)
         self.vocab = self.llm  # tokenize(bytes, add_bos, special), detokenize, token_bos, token_eos
         self._lock = threading.Lock()
 
