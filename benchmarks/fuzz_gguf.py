@@ -106,6 +106,7 @@ def _cli_child(argv: list[str], out: str) -> None:
     """In a forkserver child: `localmix ARGV`, stdout and stderr to files, exiting as the CLI would."""
     from localmix.frontends.cli import main
 
+    os.cpu_count = lambda: 1  # one llama.cpp thread per child: on a busy machine two spin against each other
     code = 1
     try:
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
@@ -200,6 +201,10 @@ def cli(mutants: list[Mutant], full: Path, work: Path, jobs: int, spawn: bool, t
                 (work / f"cli-{i}.gguf").unlink(missing_ok=True)
             Path(f"{out}.out").unlink(missing_ok=True)
             Path(f"{out}.err").unlink(missing_ok=True)
+            done = sum(outcome.values())
+            if done % 100 == 0:
+                print(f"cli: ... {done} processes, {time.perf_counter() - t0:.0f} s: "
+                      + ", ".join(f"{cmd} {v} {n}" for (cmd, v), n in sorted(outcome.items())), flush=True)
     seconds = time.perf_counter() - t0
     runs = sum(n for (cmd, _), n in outcome.items() if cmd == "run")
     print(f"cli: {len(mutants)} passing mutants, {runs} `run` and {sum(outcome.values()) - runs} `info` processes "

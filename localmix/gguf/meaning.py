@@ -10,8 +10,8 @@ checks, before llama.cpp sees the file, what its loader reads (llama-model.cpp's
   between 1 and the experts, a known RoPE scaling type);
 - the strings that must be exact (token texts, the chat template) are UTF-8 without NUL bytes;
 - the vocabulary: unique token texts as llama.cpp sees them (C strings, up to the first NUL;
-  an empty text becomes "[EMPTY_i]"), scores and token types as long as the token list,
-  special token ids inside it;
+  an empty text becomes "[EMPTY_i]"), scores and token types as long as the token list, the
+  BOS and EOS ids inside it;
 - the chat template compiles in the sandbox the runtime renders it in (gguf.sandbox);
 - the data section at an offset llama.cpp can map (tensor data 32-byte aligned);
 - for the llama architecture, every tensor's shape against the hyper-parameters.
@@ -39,6 +39,7 @@ TENSOR_ALIGNMENT = 32                 # ggml's CPU buffers assert that tensor da
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
 TOKEN_TYPES = range(0, 7)             # undefined, normal, unknown, control, user-defined, unused, byte
 SPECIAL_TOKENS = ("bos", "eos", "unknown", "seperator", "padding", "mask", "eot", "eom")  # llama.cpp's spelling
+USED_TOKENS = ("bos", "eos")          # what localmix itself reads: out of range, they would index past the vocabulary
 EXACT_STRINGS = ("tokenizer.chat_template", "general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre")
 
 
@@ -197,10 +198,10 @@ def _vocabulary(r: Reader) -> int:
     if model == b"gpt2" and merges is None:
         raise BadValue("tokenizer.ggml.model is gpt2 (BPE) but it has no tokenizer.ggml.merges")
 
-    for name in SPECIAL_TOKENS:
+    for name in SPECIAL_TOKENS:  # llama.cpp ignores an id past the vocabulary, with a warning; localmix cannot
         key = f"tokenizer.ggml.{name}_token_id"
         v = _scalar(r, key, T.UINT32)
-        if v is not None and v >= n:
+        if v is not None and v >= n and name in USED_TOKENS:
             raise BadValue(f"{key} is {v}, but the vocabulary has {n:,} tokens")
     for name in ("add_bos_token", "add_eos_token", "add_sep_token", "add_space_prefix", "remove_extra_whitespaces"):
         _scalar(r, f"tokenizer.ggml.{name}", T.BOOL)
