@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import random
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -106,6 +107,10 @@ REFUSED = {  # name -> (make the mutant, words the one line must hold)
     "scores shorter than the tokens": (
         lambda m: m._set("s", KV(b"tokenizer.ggml.scores", T.ARRAY, np.zeros(256, np.float32), T.FLOAT32)),
         ["tokenizer.ggml.scores has 256 scores for 512 tokens"]),
+    "a norm that is not F32": (
+        lambda m: m._with("n", tensors=[replace(t, type=1, n_bytes=t.n_bytes // 2) if t.name == b"output_norm.weight"
+                                        else t for t in m.layout.tensors]),
+        ["tensor output_norm.weight is F16"]),
     "a tensor shape against the hyper-parameters": (
         lambda m: m._set("f", KV(b"llama.feed_forward_length", T.UINT32, 256)),
         ["tensor blk.0.ffn_gate_exps.weight has shape"]),

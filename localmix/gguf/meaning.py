@@ -14,7 +14,8 @@ checks, before llama.cpp sees the file, what its loader reads (llama-model.cpp's
   BOS and EOS ids inside it;
 - the chat template compiles in the sandbox the runtime renders it in (gguf.sandbox);
 - the data section at an offset llama.cpp can map (tensor data 32-byte aligned);
-- for the llama architecture, every tensor's shape against the hyper-parameters.
+- for the llama architecture, every tensor's shape against the hyper-parameters, and the norms
+  in F32 (llama.cpp's CPU multiply aborts on any other type).
 
 Each failure is a `BadValue` whose text names the key or tensor, in one line. The arrays are
 checked with numpy and the compiled scans of gguf.scan, never item by item in Python.
@@ -304,6 +305,10 @@ def _llama_tensors(r: Reader, hp: dict, n_vocab: int) -> None:
                      b + "ffn_up_exps.weight": (n_embd, f, n_expert), b + "ffn_down_exps.weight": (f, n_embd, n_expert)}
         else:
             want |= {b + "ffn_gate.weight": (n_embd, f), b + "ffn_up.weight": (n_embd, f), b + "ffn_down.weight": (f, n_embd)}
+    for t in r.tensors:  # norms (and any bias): llama.cpp multiplies by them elementwise, in float32 only
+        if len(t.shape) == 1 and t.tensor_type.name != "F32":
+            raise BadValue(f"tensor {t.name} is {t.tensor_type.name}, but llama.cpp aborts on a norm or bias "
+                           "that is not F32")
     for name, shape in want.items():
         if name not in shapes:
             raise BadValue(f"tensor {name} is missing (llama.cpp's llama architecture needs it)")
