@@ -11,6 +11,7 @@ import pytest
 from localmix.errors import InputError
 from localmix.gguf.check import check_gguf
 from localmix.gguf.info import describe
+from localmix.gguf.read import open_gguf
 from localmix.runtime.memory import available_memory, check_fits, estimate_memory, largest_fitting_ctx
 
 
@@ -141,8 +142,8 @@ def small_gguf(path: Path) -> Path:
 
 def test_every_cut_of_a_small_file_is_one_clean_line(tmp_path):
     src = small_gguf(tmp_path / "small.gguf")
-    assert check_gguf(src).n_tensors == 3
-    raw, data_offset = src.read_bytes(), check_gguf(src).data_offset
+    assert len(open_gguf(src).tensors) == 3  # a valid layout (it is no model llama.cpp could run: gguf.meaning)
+    raw, data_offset = src.read_bytes(), int(open_gguf(src).data_offset)
     cut = tmp_path / "cut.gguf"
     for n in [*range(1, data_offset + 1), *range(data_offset + 1, len(raw), 97), len(raw) - 1]:
         rejected(write(cut, raw[:n]), "not a GGUF file" if n < 4 else "is truncated/corrupt: ")

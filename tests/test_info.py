@@ -40,4 +40,4 @@ def test_info_on_a_file_that_is_not_gguf(tmp_path):
     r = run_localmix("info", bad)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert "not a valid GGUF" in r.stderr
+    assert "is not a GGUF file" in r.stderr

@@ -44,12 +44,11 @@ def load_imatrix(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def _load_gguf(path: Path) -> dict[str, np.ndarray]:
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import GGMLQuantizationType
 
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError) as e:
-        raise InputError(f"{path} is not a valid imatrix GGUF ({e})") from None
+    from localmix.gguf.read import open_gguf
+
+    reader = open_gguf(path)  # bounds-checked: a damaged file is one line
     if not all(k in reader.fields for k in (KV_DATASETS, KV_CHUNK_COUNT, KV_CHUNK_SIZE)):
         raise InputError(f"{path} lacks the imatrix metadata ({KV_DATASETS}, ...): is it an imatrix file?")
     parts: dict[str, dict[str, np.ndarray]] = {}

@@ -97,10 +97,10 @@ class GGUFSource:
     general.quantization_version set anew."""
 
     def __init__(self, path: Path):
-        from localmix.gguf.read import open_gguf
+        from localmix.gguf.check import check_gguf
 
         self.path = path
-        self.reader = r = open_gguf(path)
+        self.reader = r = check_gguf(path).reader
         self.arch = self._value("general.architecture")
         if self.arch != "llama":
             raise InputError(f"{path} holds a {self.arch!r} model; localmix quantizes llama-architecture GGUFs (Mixtral, Mistral)")
@@ -122,8 +122,9 @@ class GGUFSource:
                                 get("attention.head_count_kv", get("attention.head_count")), get("expert_count"))
 
     def _value(self, key: str, default=None):
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        from localmix.gguf.read import field_value
+
+        return field_value(self.reader, key, default)
 
     def add_metadata(self, h: gguf.GGUFWriter, file_type: gguf.LlamaFileType) -> None:
         for key, field in self.reader.fields.items():
@@ -137,7 +138,7 @@ class GGUFSource:
                 continue
             vtype = field.types[0]
             sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            h.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
+            h.add_key_value(key, self._value(key), vtype, sub_type=sub_type)
         if "general.file_type" not in self.reader.fields:
             h.add_file_type(file_type)
 

@@ -2,7 +2,8 @@
 
 `describe(path)` returns a plain dict (what `localmix info --json` prints); `render(info)`
 turns it into rich renderables for the terminal. The file is read with `gguf.GGUFReader`,
-memory-mapped, so a 26 GB model is summarised without reading its weights.
+memory-mapped, so a 26 GB model is summarised without reading its weights; it is checked first
+(gguf.check), so a file that would not load is one line naming what is wrong.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 
 from gguf import LlamaFileType
 
-from localmix.gguf.read import field_value, open_gguf
+from localmix.gguf.check import check_gguf
+from localmix.gguf.read import array_length, field_value
 
 HPARAMS = [  # (label, key suffix after "{arch}.")
     ("context length", "context_length"), ("embedding length", "embedding_length"),
@@ -39,7 +41,7 @@ def _mistral_version(r) -> str:
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    r = open_gguf(path)
+    r = check_gguf(path).reader  # one clean line, naming the key, for a file llama.cpp could not load
     arch = field_value(r, "general.architecture", "unknown")
     hparams = {suffix: field_value(r, f"{arch}.{suffix}") for _, suffix in HPARAMS}
     hparams = {k: v for k, v in hparams.items() if v is not None}
@@ -76,7 +78,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "n_tensors": len(r.tensors),
         "tokenizer": {
             "model": field_value(r, "tokenizer.ggml.model"),
-            "vocab_size": len(tokens.data) if tokens is not None else 0,
+            "vocab_size": array_length(tokens) if tokens is not None else 0,
             "bos_token_id": field_value(r, "tokenizer.ggml.bos_token_id"),
             "eos_token_id": field_value(r, "tokenizer.ggml.eos_token_id"),
             "unknown_token_id": field_value(r, "tokenizer.ggml.unknown_token_id"),

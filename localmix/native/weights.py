@@ -19,7 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 
 from localmix.errors import InputError
-from localmix.gguf.check import _Reader, check_gguf
+from localmix.gguf.check import GGUFSummary, check_gguf
 from localmix.gguf.read import field_value
 
 
@@ -99,9 +99,9 @@ def _view(t) -> Tensor:
     return Tensor(t.name, data, qtype, shape)
 
 
-def hparams(path: Path, reader) -> HParams:
+def hparams(path: Path, s: GGUFSummary) -> HParams:
     """The hyperparameters, from the `llama.*` metadata as `gguf.check` reads them."""
-    s = check_gguf(path)
+    reader = s.reader
     if s.architecture != "llama":
         raise InputError(f"{path} is a {s.architecture!r} model; the native engine runs llama-architecture "
                          "models (Llama, Mistral, Mixtral): run it with --engine llama.cpp")
@@ -121,8 +121,9 @@ def hparams(path: Path, reader) -> HParams:
 def load_weights(path: str | Path) -> Weights:
     """Map the GGUF at `path`; every tensor is a view of the mapping."""
     path = Path(path)
-    reader = _Reader(path)  # gguf.check's GGUFReader: bounds-checked and faster on large vocabularies
-    hp = hparams(path, reader)
+    summary = check_gguf(path)  # layout and meaning checked; its reader is bounds-checked and reads arrays in bulk
+    reader = summary.reader
+    hp = hparams(path, summary)
     by_name = {t.name: _view(t) for t in reader.tensors}
 
     def take(name: str, required: bool = True) -> Tensor | None:

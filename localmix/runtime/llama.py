@@ -10,12 +10,33 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from localmix.errors import InputError
+from localmix.errors import InputError, LocalmixError
 from localmix.runtime.log import set_llama_log
 from localmix.runtime.offload import load_llama
 from localmix.runtime.planner import Plan
 from localmix.runtime.stream import ContextOverflow, Done, Piece, Sampling, common_prefix, reply_events
 from localmix.runtime.vocab import Vocab
+
+
+def _load_error(e: Exception) -> str:
+    """What llama-cpp-python raised on load, in a few words: ValueError ("Failed to load model
+    from file") when llama.cpp refuses the file, jinja2's TemplateError when the chat template it
+    compiles does not, UnicodeDecodeError for a special token's text, ..."""
+    first = (str(e).splitlines() or [""])[0][:200]
+    return first if isinstance(e, ValueError) and not isinstance(e, UnicodeError) else f"{type(e).__name__}: {first}"
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """The file's scalar metadata as strings, as `Llama.metadata` gives it, read by localmix:
+    llama-cpp-python decodes every value as strict UTF-8 and, at the first that is not (a
+    `general.name` in Latin-1), gives up and returns nothing, chat template included."""
+    from gguf import GGUFValueType
+
+    from localmix.gguf.read import field_value, open_gguf
+
+    r = open_gguf(path)
+    return {key: str(field_value(r, key)) for key, f in r.fields.items()
+            if not key.startswith("GGUF.") and f.types[0] != GGUFValueType.ARRAY}
 
 
 class LlamaCppEngine:
@@ -29,12 +50,14 @@ class LlamaCppEngine:
         try:
             self.llm = load_llama(str(self.path), plan, n_gpu_layers, repack, n_ctx=n_ctx or 0, n_batch=512,
                                   use_mmap=True, n_threads=n_threads or os.cpu_count(), verbose=verbose, **llama_kwargs)
-        except ValueError as e:  # llama-cpp-python's way of saying the load failed
-            raise InputError(f"llama.cpp could not load {self.path}: {e}") from None
+        except LocalmixError:
+            raise
+        except Exception as e:  # whatever the load of an untrusted file raises is one line, not a traceback
+            raise InputError(f"llama.cpp could not load {self.path}: {_load_error(e)}") from None
         # llama.cpp rounds the context up to a multiple of 256; llama-cpp-python's token
         # buffer keeps the size asked for, so the smaller of the two is what we can use
         self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
-        self.metadata = dict(self.llm.metadata)
+        self.metadata = dict(self.llm.metadata) or _metadata(self.path)
         self.vocab = Vocab(self.llm._model, owner=self.llm)  # llama.cpp's vocabulary of the loaded model
         self._lock = threading.Lock()
 

@@ -24,17 +24,16 @@ that holds no user-typed markers.)
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+import jinja2.sandbox
 
 from localmix.errors import InputError
 from localmix.gguf.read import field_value, open_gguf
+from localmix.gguf.sandbox import TemplateRaised, environment
 
 TEMPLATE_KEY = "tokenizer.chat_template"
 SYSTEM_JOIN = "\n\n"  # mistral-common's separator between system prompts and the user message
@@ -119,34 +118,12 @@ def _render_inst(messages: list[dict[str, Any]], bos_token: str, eos_token: str)
     return "".join(parts)
 
 
-# ---- the sandbox ----
-
-class _TemplateRaised(Exception):
-    """What the template's `raise_exception(message)` raises."""
-
-
-def _raise_exception(message: str):
-    raise _TemplateRaised(message)
-
-
-def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False):
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
-
-
-@lru_cache(maxsize=1)
-def _environment() -> ImmutableSandboxedEnvironment:
-    """A sandbox set up as transformers sets up its own: no attribute starting with `_`, no
-    mutation of the messages, blocks trimmed, `raise_exception` and a non-escaping `tojson`."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    return env
-
+# ---- the sandbox (gguf.sandbox: the checker compiles templates in the same environment) ----
 
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
     try:
-        return _environment().from_string(template)
+        return environment().from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise InputError(f"chat template has a syntax error on line {e.lineno}: {e.message}") from None
 
@@ -154,7 +131,7 @@ def _compile(template: str) -> jinja2.Template:
 def _run(compiled: jinja2.Template, messages: list[dict[str, Any]], **variables) -> str:
     try:
         return compiled.render(messages=messages, **variables)
-    except _TemplateRaised as e:
+    except TemplateRaised as e:
         raise InputError(f"chat template: {e}") from None
     except jinja2.sandbox.SecurityError as e:
         raise InputError(f"chat template tried something unsafe and was stopped: {e}") from None
