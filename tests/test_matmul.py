@@ -24,7 +24,8 @@ from localmix.kernels import QType, dot_ref
 from localmix.kernels.matmul import matmul, matmul_ref
 
 QUANTIZED = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
-             QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0]
+             QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
+             QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S]
 CASES = [(t, k) for t in QUANTIZED for k in (256, 4096)] + [(QType.Q4_K, 14336)]
 FLOAT_SLACK = 1e-5
 
@@ -69,8 +70,8 @@ def test_matmul_quantized(qtype, k):
     w = kernels.quantize(weight_rows(k, rng), qtype)
     w_float = kernels.dequantize(w, qtype).reshape(-1, k)
     assert np.array_equal(dot_ref.dequantize(w, qtype), w_float)  # the decomposition reads the bytes as gguf does
-    block = 256 if qtype.name.endswith("_K") else 32
-    for t in (1, 3, 17):
+    block = GGML_QUANT_SIZES[qtype][0]  # the activations' block: Q8_K for 256, Q8_0 for 32
+    for t in (1, 3, 17, 30):  # 30: past PREFILL_BLAS_T, where the 32-value types take BLAS
         x = activations(t, k, rng)
         fast, plain, ref = matmul(x, w, qtype), dot_ref.matmul(x, w, qtype), matmul_ref(x, w, qtype)
         assert fast.shape == (t, w.shape[0]) and fast.dtype == np.float32
@@ -130,4 +131,5 @@ def test_matmul_float(qtype):
 def test_block_sizes_from_gguf():
     """Every type the kernels read has the block size the data in gguf says."""
     for qtype in QUANTIZED:
-        assert GGML_QUANT_SIZES[qtype][0] == (256 if qtype.name.endswith("_K") else 32)
+        small = qtype.name.startswith("Q") and not qtype.name.endswith("_K") or qtype == QType.IQ4_NL
+        assert GGML_QUANT_SIZES[qtype][0] == (32 if small else 256)
