@@ -88,6 +88,15 @@ def test_iq3_xxs_files_need_an_imatrix(file_type, deep, tmp_path):
         llama_model_quantize(f32, tmp_path / "theirs.gguf", file_type)
 
 
+def test_iq3_xxs_is_refused_for_its_iq2_s_tensors(deep, tmp_path):
+    """With an imatrix, llama.cpp's IQ3_XXS mix puts attn_q in IQ2_S, which localmix cannot write:
+    one clear refusal before anything is written."""
+    src, _, imatrix = deep
+    with pytest.raises(InputError, match=r"attn_q.weight to IQ2_S, which localmix cannot write"):
+        convert(src, tmp_path / "ours.gguf", "IQ3_XXS", imatrix=imatrix)
+    assert not (tmp_path / "ours.gguf").exists()
+
+
 def test_gguf_source_gives_the_same_file(deep, tmp_path):
     """`localmix quantize model-F32.gguf` equals the one-pass conversion from the checkpoint."""
     src, f32, _ = deep

@@ -2,13 +2,14 @@
 
 A file type such as Q4_K_M is a *mix*: most weights take the base type (Q4_K) but some get
 more bits where it pays (for an 8-expert model: attn_k and attn_v Q8_0, attn_output Q5_K;
-ffn_down Q6_K in the layers `use_more_bits` picks; output Q6_K). The i-quant mixes depend on
-whether an importance matrix is given (IQ3_XXS, IQ4_NL, IQ4_XS), and the tensors llama.cpp
-quantizes to IQ3_XXS or IQ2_S need one: `require_imatrix` refuses those files without it. `choose_types` is a port of
+ffn_down Q6_K in the layers `use_more_bits` picks; output Q6_K). `choose_types` is a port of
 `llama_tensor_get_type` in llama.cpp's src/llama-quant.cpp (llama-cpp-python 0.3.36) for the
 llama architecture that Mixtral and Mistral use, including its counters (which attn_v this
 is) and its fallbacks for rows that do not fit a type's block. The F32/F16/BF16/Q8_0 types
 follow llama.cpp's converter instead (pipeline.py), which agrees with the quantizer on them.
+The i-quant mixes depend on whether an importance matrix is given (IQ3_XXS, IQ4_NL, IQ4_XS),
+and the tensors llama.cpp quantizes to IQ3_XXS or IQ2_S need one: `require_imatrix` refuses
+those files without it, as llama.cpp does.
 """
 
 from __future__ import annotations
