@@ -18,6 +18,7 @@ import time
 
 import numba
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from numba import njit, prange
 
 from localmix.kernels import QType, quantize, row_nbytes
@@ -25,7 +26,7 @@ from localmix.kernels.matmul import matmul, matmul_ref
 
 SHAPES = {"w1/w3": (14336, 4096), "w2": (4096, 14336), "attn_q": (4096, 4096)}
 OUTPUT = ("output", (32000, 4096), QType.Q6_K)
-TYPES = ["Q4_K", "Q3_K", "Q6_K", "Q8_0", "Q5_0", "Q2_K"]
+TYPES = ["Q4_K", "Q3_K", "Q6_K", "Q8_0", "Q5_0", "Q2_K", "IQ4_XS", "IQ4_NL", "IQ3_S", "IQ3_XXS"]
 POOL_BYTES = 1 << 30  # weight copies cycled through per shape, to read from memory, not cache
 
 
@@ -64,9 +65,10 @@ def weights(qtype: QType, n: int, k: int, copies: int, rng) -> np.ndarray:
     scales so no value is inf or nan: one quantized row tiled over the blocks' scale fields."""
     real = quantize(rng.standard_normal((1, k)).astype(np.float32), qtype)[0]
     pool = rng.integers(0, 256, size=(copies, n, real.size), dtype=np.uint8)
-    block = real.size // (k // (256 if qtype.name.endswith("_K") else 32))
+    block = real.size // (k // GGML_QUANT_SIZES[qtype][0])
     scale_bytes = {"Q2_K": slice(80, 84), "Q3_K": slice(108, 110), "Q4_K": slice(0, 4), "Q5_K": slice(0, 4),
-                   "Q6_K": slice(208, 210)}.get(qtype.name, slice(0, 2 if qtype.name.endswith("_0") else 4))
+                   "Q6_K": slice(208, 210)}.get(qtype.name, slice(0, 2 if qtype.name.endswith("_0") or
+                                                               qtype.name.startswith("IQ") else 4))
     view = pool.reshape(copies, n, -1, block)
     view[..., scale_bytes] = real.reshape(-1, block)[:, scale_bytes]
     return pool

@@ -8,7 +8,7 @@ memory (sampled from /proc, anonymous and file-backed apart: child_memory.py), t
 per-type kernel throughput table: localmix's kernels (numba, N threads and 1 thread) against
 ggml's `ggml_quantize_chunk` (one thread, as llama.cpp calls it per worker).
 
-    python benchmarks/bench_quantize.py [--threads 2] [--types Q4_K_M,Q3_K_M]
+    python benchmarks/bench_quantize.py [--threads 2] [--types Q4_K_M,Q3_K_M] [--kernels-only [--kernel-types IQ4_XS,IQ3_S]]
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from localmix.convert.pipeline import convert
 from localmix.fixtures.tiny import make_tiny_checkpoint
 from localmix.kernels import QType
 
-KERNEL_TYPES = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q4_0, QType.Q5_0, QType.Q8_0]
+KERNEL_TYPES = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q4_0, QType.Q5_0, QType.Q8_0,
+                QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S]
 
 
 def file_benchmark(f32: Path, types: list[str], threads: int, work: Path) -> None:
@@ -53,7 +54,7 @@ def file_benchmark(f32: Path, types: list[str], threads: int, work: Path) -> Non
         print(f"{file_type:7} ratio: localmix is {theirs.seconds / ours.seconds:.2f}x llama.cpp's speed")
 
 
-def kernel_benchmark(threads: int) -> None:
+def kernel_benchmark(threads: int, types: list[QType]) -> None:
     import numba
     from ggml_ref import ggml_quantize
 
@@ -74,7 +75,7 @@ def kernel_benchmark(threads: int) -> None:
 
     print(f"\nkernel throughput, million weights/s, rows of 4096 ({x.shape[0]} rows)")
     print(f"{'type':6} {'imatrix':8} {'localmix ' + str(threads) + 't':>12} {'localmix 1t':>12} {'ggml 1t':>9}")
-    for qtype in KERNEL_TYPES:
+    for qtype in types:
         for w in (None, imatrix):
             if qtype == QType.Q8_0 and w is not None:
                 continue
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--types", default="Q4_K_M,Q3_K_M")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--kernels-only", action="store_true")
+    ap.add_argument("--kernel-types", default=",".join(t.name for t in KERNEL_TYPES))
     args = ap.parse_args()
 
     if not args.kernels_only:
@@ -103,7 +105,7 @@ def main() -> None:
         if not f32.exists():
             convert(src, f32, "F32")
         file_benchmark(f32, args.types.split(","), args.threads, args.dir)
-    kernel_benchmark(args.threads)
+    kernel_benchmark(args.threads, [QType[t] for t in args.kernel_types.split(",")])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,14 @@ from functools import cache
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+class _TypeTraits(ctypes.Structure):  # struct ggml_type_traits in ggml.h
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
+                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", _TO_FLOAT),
+                ("from_float_ref", ctypes.c_void_p)]
+
 
 @cache
 def _lib() -> ctypes.CDLL:
@@ -28,6 +36,8 @@ def _lib() -> ctypes.CDLL:
                   ctypes.c_void_p]
     lib.ggml_quantize_init.restype = None
     lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     lib.ggml_fp32_to_fp16_row.restype = None
     lib.ggml_fp32_to_fp16_row.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     return lib
@@ -47,6 +57,15 @@ def ggml_quantize(x: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarra
                                       None if qw is None else qw.ctypes.data)
     assert written == out.nbytes
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def ggml_dequantize(data: np.ndarray, qtype: GGMLQuantizationType, n: int) -> np.ndarray:
+    """Rows of a tensor's bytes -> float32 (rows, n), through ggml's own `to_float` for the type."""
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    rows = data.reshape(-1, data.shape[-1]).shape[0]
+    out = np.zeros((rows, n), dtype=np.float32)
+    _lib().ggml_get_type_traits(int(qtype)).contents.to_float(data.ctypes.data, out.ctypes.data, rows * n)
+    return out
 
 
 def ggml_fp32_to_fp16(x: np.ndarray) -> np.ndarray:

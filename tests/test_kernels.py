@@ -1,7 +1,7 @@
 """The quantization kernels, bit for bit against llama.cpp's `ggml_quantize_chunk`.
 
 Every quantized type, on rows from many families (ordinary, heavy-tailed, all-zero,
-constant, one huge outlier, tiny magnitudes, alternating signs) and row lengths from one
+constant, one huge outlier, tiny magnitudes, alternating signs, blocks of zeros among others) and row lengths from one
 super-block to a Mixtral FFN row, with no importance matrix, a random one and one with
 zeros. The plain-Python reference must agree with the compiled kernels, and both with ggml.
 """
@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ggml_ref import ggml_fp32_to_fp16, ggml_quantize
+from ggml_ref import ggml_dequantize, ggml_fp32_to_fp16, ggml_quantize
 from numba import njit
 
 from localmix import kernels
 from localmix.kernels import QType, common
 
 TYPES = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
-         QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0]
+         QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
+         QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S]
+IQUANTS = {QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S}
 # 768: an odd number of super-blocks after a full pair, and of legacy blocks past a full group of 16
 # (the fast kernels search 16 sub-blocks at once: two Q4_K/Q5_K super-blocks, 16 legacy blocks)
 ROWS_PER_FAMILY = {256: 32, 512: 16, 768: 8, 4096: 2, 14336: 1}
@@ -41,6 +43,8 @@ def families(n: int, rows: int, seed: int) -> dict[str, np.ndarray]:
         "outlier": outlier,
         "tiny": rng.standard_normal((rows, n)) * 10.0 ** rng.uniform(-30, -8, (rows, 1)),
         "alternating": np.where(at % 2, 1, -1) * rng.uniform(0.5, 1.5, (rows, n)),
+        # every other block of 32 all zero (IQ3_S then stores the next block's quants one place early, as ggml does)
+        "zero_blocks": rng.standard_normal((rows, n)) * (at // 32 % 2 == 1),
     }
     return {k: v.astype(np.float32) for k, v in x.items()}
 
@@ -102,19 +106,21 @@ def test_reference_matches_fast(qtype, imatrix):
 
 
 def test_quantize_runs_the_fast_kernels():
-    """Every type with a scale search goes through the batched kernels; the plain ports are the reference."""
-    from localmix.kernels import fast, kquants, legacy
+    """Every K-quant and legacy type with a scale search goes through the batched kernels; the
+    i-quants (and Q8_0) run their ports compiled; the plain ports are the reference."""
+    from localmix.kernels import fast, iquants, kquants, legacy
     for qtype in TYPES:
         row, driver = kernels.KERNELS[qtype]
-        assert row.py_func.__module__ in (kquants.__name__, legacy.__name__)
-        expected = legacy.__name__ if qtype == QType.Q8_0 else fast.__name__
+        assert row.py_func.__module__ in (kquants.__name__, legacy.__name__, iquants.__name__)
+        expected = {QType.Q8_0: legacy.__name__, **dict.fromkeys(IQUANTS, iquants.__name__)}.get(qtype, fast.__name__)
         assert driver.py_func.__module__ == expected, qtype.name
-    assert set(fast.DRIVERS) == set(TYPES) - {QType.Q8_0}
+    assert set(fast.DRIVERS) == set(TYPES) - {QType.Q8_0} - IQUANTS
 
 
 MAX_ERROR = {  # relative RMS error on Gaussian rows; the measured values are about 2/3 of these
     QType.Q2_K: 0.40, QType.Q3_K: 0.22, QType.Q4_K: 0.11, QType.Q5_K: 0.055, QType.Q6_K: 0.03,
     QType.Q4_0: 0.13, QType.Q4_1: 0.12, QType.Q5_0: 0.065, QType.Q5_1: 0.06, QType.Q8_0: 0.01,
+    QType.IQ4_NL: 0.12, QType.IQ4_XS: 0.12, QType.IQ3_XXS: 0.32, QType.IQ3_S: 0.25,
 }
 
 
@@ -155,6 +161,16 @@ def test_quantize_api():
     assert np.array_equal(kernels.quantize(x, QType.Q8_0, qw), kernels.quantize(x, QType.Q8_0))  # as ggml: ignored
     assert kernels.quantize(x, QType.F32).dtype == np.float32
     assert kernels.dequantize(kernels.quantize(x, QType.F16), QType.F16).shape == x.shape
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_matches_ggml(data, qtype):
+    """`dequantize` (gguf's) gives ggml's floats to the bit, on every family's quantized rows."""
+    labels, x = data[512]
+    q = ggml_quantize(x, qtype, importance("random", 512))
+    ours, theirs = kernels.dequantize(q, qtype), ggml_dequantize(q, qtype, 512)
+    assert ours.shape == theirs.shape == x.shape
+    assert_same_bytes(ours.view(np.uint32), theirs.view(np.uint32), labels, f"{qtype.name} dequantized")
 
 
 @njit(cache=True)

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf import GGML_QUANT_SIZES
 
 from localmix import kernels
-from localmix.kernels import QType, dot, dot_ref, kquants, legacy
+from localmix.kernels import QType, dot, dot_ref, iquants, kquants, legacy
 from localmix.kernels.matmul import PREFILL_BLAS_T, matmul, matmul_ref
 
 QUANTIZED = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
-             QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0]
+             QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
+             QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S]
 CASES = [(t, k) for t in QUANTIZED for k in (256, 4096)] + [(QType.Q4_K, 14336)]
 FLOAT_SLACK = 1e-5
 # activation rows: decode (1), prefill through the integer kernels (3, 17), and from
@@ -71,7 +73,7 @@ def test_matmul_quantized(qtype, k):
     w = kernels.quantize(weight_rows(k, rng), qtype)
     w_float = kernels.dequantize(w, qtype).reshape(-1, k)
     assert np.array_equal(dot_ref.dequantize(w, qtype), w_float)  # the decomposition reads the bytes as gguf does
-    block = 256 if qtype.name.endswith("_K") else 32
+    block = GGML_QUANT_SIZES[qtype][0]  # the activations' block: Q8_K for 256, Q8_0 for 32
     assert BATCHES[-1] >= PREFILL_BLAS_T > BATCHES[-2]
     for t in BATCHES:
         x = activations(t, k, rng)
@@ -148,8 +150,12 @@ GGML_BLOCKS = {
     QType.Q4_K: (256, [("d", 0), ("dmin", 2), ("scales", 4), ("qs", 16), ("", 144)]),
     QType.Q5_K: (256, [("d", 0), ("dmin", 2), ("scales", 4), ("qh", 16), ("qs", 48), ("", 176)]),
     QType.Q6_K: (256, [("ql", 0), ("qh", 128), ("scales", 192), ("d", 208), ("", 210)]),
+    QType.IQ4_NL: (32, [("d", 0), ("qs", 2), ("", 18)]),
+    QType.IQ4_XS: (256, [("d", 0), ("scales_h", 2), ("scales_l", 4), ("qs", 8), ("", 136)]),
+    QType.IQ3_XXS: (256, [("d", 0), ("qs", 2), ("", 98)]),  # qs[3*QK_K/8]: grid indices, then scales and signs
+    QType.IQ3_S: (256, [("d", 0), ("qs", 2), ("qh", 66), ("signs", 74), ("scales", 106), ("", 110)]),
 }
-# localmix's own layout constants (kernels/legacy.py, kernels/kquants.py), in the same order
+# localmix's own layout constants (kernels/legacy.py, kquants.py, iquants.py), in the same order
 OUR_LAYOUTS = {
     QType.Q4_0: (legacy.Q4_0_D, legacy.Q4_0_QS, legacy.Q4_0_BYTES),
     QType.Q4_1: (legacy.Q4_1_D, legacy.Q4_1_M, legacy.Q4_1_QS, legacy.Q4_1_BYTES),
@@ -161,6 +167,11 @@ OUR_LAYOUTS = {
     QType.Q4_K: (kquants.Q4_D, kquants.Q4_DMIN, kquants.Q4_SC, kquants.Q4_QS, kquants.Q4_BYTES),
     QType.Q5_K: (kquants.Q5_D, kquants.Q5_DMIN, kquants.Q5_SC, kquants.Q5_QH, kquants.Q5_QS, kquants.Q5_BYTES),
     QType.Q6_K: (kquants.Q6_QL, kquants.Q6_QH, kquants.Q6_SC, kquants.Q6_D, kquants.Q6_BYTES),
+    QType.IQ4_NL: (iquants.IQ4_NL_D, iquants.IQ4_NL_QS, iquants.IQ4_NL_BYTES),
+    QType.IQ4_XS: (iquants.IQ4_XS_D, iquants.IQ4_XS_SH, iquants.IQ4_XS_SL, iquants.IQ4_XS_QS, iquants.IQ4_XS_BYTES),
+    QType.IQ3_XXS: (iquants.IQ3_XXS_D, iquants.IQ3_XXS_QS, iquants.IQ3_XXS_BYTES),
+    QType.IQ3_S: (iquants.IQ3_S_D, iquants.IQ3_S_QS, iquants.IQ3_S_QH, iquants.IQ3_S_SIGNS, iquants.IQ3_S_SC,
+                  iquants.IQ3_S_BYTES),
 }
 
 
@@ -170,8 +181,8 @@ def test_block_layouts_are_ggml_common_h(qtype):
     row sizes the products and the writer use."""
     weights, fields = GGML_BLOCKS[qtype]
     assert OUR_LAYOUTS[qtype] == tuple(offset for _, offset in fields)
-    assert (dot.QK_K if qtype in dot.KQUANTS else dot.QK) == weights
-    assert qtype in (dot.KQUANTS if weights == 256 else dot.LEGACY)
+    assert (dot.QK_K if qtype in dot.SUPER else dot.QK) == weights
+    assert qtype in (dot.SUPER if weights == 256 else dot.SMALL)
     assert kernels.block_size(qtype) == weights
     assert kernels.row_nbytes(qtype, 4096) == 4096 // weights * fields[-1][1]
     assert kernels.quantize(np.ones((2, 512), np.float32), qtype).shape == (2, 512 // weights * fields[-1][1])

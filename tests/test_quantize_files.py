@@ -10,6 +10,7 @@ from llama_quantize import llama_model_quantize
 
 from localmix.convert.mix import allows_quantization
 from localmix.convert.pipeline import convert
+from localmix.errors import InputError
 from localmix.fixtures.tiny import make_tiny_checkpoint
 
 # 32 layers so that every layer-dependent rule of Mixtral's mixes is exercised.
@@ -77,7 +78,8 @@ def kv(path):
 
 
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
-@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q3_K_M", "Q3_K_S", "Q4_K_S", "Q2_K"])
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q3_K_M", "Q3_K_S", "Q4_K_S", "Q2_K",
+                                       "IQ4_XS", "IQ4_NL", "IQ3_S", "IQ3_M"])
 def test_same_file_as_llama_model_quantize(file_type, with_imatrix, deep, tmp_path):
     src, f32, imatrix, values = deep
     ours = convert(src, tmp_path / "ours.gguf", file_type, imatrix=imatrix if with_imatrix else None).path
@@ -91,6 +93,37 @@ def test_same_file_as_llama_model_quantize(file_type, with_imatrix, deep, tmp_pa
     assert kv(ours) == kv(theirs)
     types = {t for t, _, _ in a.values()}
     assert len(types) >= 3  # a real mix, not one type everywhere
+
+
+def test_iq3_xs_with_imatrix_matches_llama_model_quantize(deep, tmp_path):
+    """IQ3_XS puts attn_q and the middle layers' ffn_gate/ffn_up in IQ3_XXS, which needs the imatrix."""
+    src, f32, imatrix, values = deep
+    ours = convert(src, tmp_path / "ours.gguf", "IQ3_XS", imatrix=imatrix).path
+    theirs = tmp_path / "theirs.gguf"
+    llama_model_quantize(f32, theirs, "IQ3_XS", values)
+    a, b = tensors(ours), tensors(theirs)
+    assert a == b
+    assert {t for t, _, _ in a.values()} >= {"IQ3_XXS", "IQ3_S", "Q5_K", "Q8_0", "Q6_K"}
+
+
+@pytest.mark.parametrize("file_type", ["IQ3_XS", "IQ3_XXS"])
+def test_iq3_xxs_files_need_an_imatrix(file_type, deep, tmp_path):
+    """Without an importance matrix llama.cpp refuses these mixes; so does localmix, before writing anything."""
+    src, f32, _, _ = deep
+    with pytest.raises(InputError, match="needs an importance matrix"):
+        convert(src, tmp_path / "ours.gguf", file_type)
+    assert not (tmp_path / "ours.gguf").exists()
+    with pytest.raises(AssertionError, match="llama_model_quantize failed"):
+        llama_model_quantize(f32, tmp_path / "theirs.gguf", file_type)
+
+
+def test_iq3_xxs_is_refused_for_its_iq2_s_tensors(deep, tmp_path):
+    """With an imatrix, llama.cpp's IQ3_XXS mix puts attn_q in IQ2_S, which localmix cannot write:
+    one clear refusal before anything is written."""
+    src, _, imatrix, _ = deep
+    with pytest.raises(InputError, match=r"attn_q.weight to IQ2_S, which localmix cannot write"):
+        convert(src, tmp_path / "ours.gguf", "IQ3_XXS", imatrix=imatrix)
+    assert not (tmp_path / "ours.gguf").exists()
 
 
 def test_gguf_source_gives_the_same_file(deep, tmp_path):
@@ -134,7 +167,7 @@ def odd_and_dense(tmp_path_factory):
             for name, src in (("odd", odd), ("dense", dense))}
 
 
-@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q5_K_M", "Q3_K_L", "Q2_K", "Q6_K"])
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q5_K_M", "Q3_K_L", "Q2_K", "Q6_K", "IQ4_XS", "IQ3_M", "IQ3_S"])
 @pytest.mark.parametrize("model", ["odd", "dense"])
 def test_fallbacks_and_dense_mixes_match_llama_model_quantize(model, file_type, odd_and_dense, tmp_path):
     src, f32 = odd_and_dense[model]
@@ -145,7 +178,7 @@ def test_fallbacks_and_dense_mixes_match_llama_model_quantize(model, file_type, 
     assert a == b
     assert kv(ours) == kv(theirs)  # file type, quantization version, hyper-parameters, tokenizer
     if model == "odd":  # rows of 384 and 480 fit no 256-block: the 32-block fallbacks were used
-        assert {t for t, _, _ in a.values()} & {"Q4_0", "Q5_0", "Q5_1", "Q8_0"}
+        assert {t for t, _, _ in a.values()} & {"Q4_0", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"}
 
 
 @pytest.mark.parametrize("file_type", ["Q3_K_M", "Q4_K_M"])

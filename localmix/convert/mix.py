@@ -7,6 +7,9 @@ ffn_down Q6_K in the layers `use_more_bits` picks; output Q6_K). `choose_types` 
 llama architecture that Mixtral and Mistral use, including its counters (which attn_v this
 is) and its fallbacks for rows that do not fit a type's block. The F32/F16/BF16/Q8_0 types
 follow llama.cpp's converter instead (pipeline.py), which agrees with the quantizer on them.
+The i-quant mixes depend on whether an importance matrix is given (IQ3_XXS, IQ4_NL, IQ4_XS),
+and the tensors llama.cpp quantizes to IQ3_XXS or IQ2_S need one: `require_imatrix` refuses
+those files without it, as llama.cpp does.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, LlamaFileType
 
-from localmix.kernels import QType
+from localmix.errors import InputError
+from localmix.kernels import QUANTIZABLE, QType
 
 FT = LlamaFileType
 
@@ -35,12 +39,21 @@ FILE_TYPES: dict[str, tuple[LlamaFileType, QType]] = {
     "Q3_K_M": (FT.MOSTLY_Q3_K_M, QType.Q3_K),
     "Q3_K_S": (FT.MOSTLY_Q3_K_S, QType.Q3_K),
     "Q2_K": (FT.MOSTLY_Q2_K, QType.Q2_K),
+    "IQ4_XS": (FT.MOSTLY_IQ4_XS, QType.IQ4_XS),
+    "IQ4_NL": (FT.MOSTLY_IQ4_NL, QType.IQ4_NL),
+    "IQ3_M": (FT.MOSTLY_IQ3_M, QType.IQ3_S),
+    "IQ3_S": (FT.MOSTLY_IQ3_S, QType.IQ3_S),
+    "IQ3_XS": (FT.MOSTLY_IQ3_XS, QType.IQ3_S),
+    "IQ3_XXS": (FT.MOSTLY_IQ3_XXS, QType.IQ3_XXS),
 }
 CONVERTER_TYPES = ("F32", "F16", "BF16", "Q8_0")
 
-# A K-quant whose 256-wide block does not fit a row falls back to a 32-wide type.
+# A K-quant or i-quant whose 256-wide block does not fit a row falls back to a 32-wide type.
 FALLBACK = {QType.Q2_K: QType.Q4_0, QType.Q3_K: QType.Q4_0, QType.Q4_K: QType.Q5_0,
-            QType.Q5_K: QType.Q5_1, QType.Q6_K: QType.Q8_0}
+            QType.Q5_K: QType.Q5_1, QType.Q6_K: QType.Q8_0,
+            QType.IQ3_XXS: QType.IQ4_NL, QType.IQ3_S: QType.IQ4_NL, QType.IQ4_XS: QType.IQ4_NL}
+# Types llama.cpp will not write without an importance matrix ("the result will be garbage").
+NEEDS_IMATRIX = frozenset({QType.IQ3_XXS, QType.IQ2_S, QType.IQ2_XS, QType.IQ2_XXS, QType.IQ1_S, QType.IQ1_M})
 
 
 @dataclass(frozen=True)
@@ -99,16 +112,26 @@ def _mix_type(name: str, base: QType, ft: LlamaFileType, m: ModelShape, ncols: i
     if cat == "output" or (state["tied"] and cat == "token_embd"):
         if ncols % GGML_QUANT_SIZES[base][0]:
             return QType.Q8_0
+        if ft == FT.MOSTLY_IQ3_XXS:
+            return QType.Q5_K
         return new if new == QType.Q8_0 else QType.Q6_K
     if cat == "token_embd":
-        return new
+        return QType.IQ3_S if ft == FT.MOSTLY_IQ3_XXS else new
     if cat in ("attn_v", "attn_qkv"):
         i, n = state["i_attention_wv"], state["n_attention_wv"]
         if ft == FT.MOSTLY_Q2_K:
             new = QType.Q4_K if m.n_gqa >= 4 else QType.Q3_K
+        elif ft == FT.MOSTLY_IQ3_XXS:
+            new = QType.Q4_K if m.n_gqa >= 4 else QType.IQ3_XXS if state["has_imatrix"] else QType.IQ3_S
+        elif ft in (FT.MOSTLY_IQ3_XS, FT.MOSTLY_IQ3_S) and m.n_gqa >= 4:
+            new = QType.Q4_K
+        elif ft == FT.MOSTLY_IQ3_M:
+            new = QType.Q4_K
         elif ft == FT.MOSTLY_Q3_K_M:
             new = QType.Q5_K if i < 2 else QType.Q4_K
         elif ft == FT.MOSTLY_Q3_K_L:
+            new = QType.Q5_K
+        elif ft in (FT.MOSTLY_IQ4_NL, FT.MOSTLY_IQ4_XS) and m.n_gqa >= 4:
             new = QType.Q5_K
         elif ft in (FT.MOSTLY_Q4_K_M, FT.MOSTLY_Q5_K_M) and use_more_bits(i, n):
             new = QType.Q6_K
@@ -122,19 +145,35 @@ def _mix_type(name: str, base: QType, ft: LlamaFileType, m: ModelShape, ncols: i
     elif cat == "attn_k":
         if m.n_expert == 8:
             new = QType.Q8_0
+        elif ft == FT.MOSTLY_IQ3_XS:
+            new = QType.IQ3_XXS
+        elif ft == FT.MOSTLY_IQ3_XXS:
+            new = QType.IQ2_S
+    elif cat == "attn_q":
+        if ft == FT.MOSTLY_IQ3_XS:
+            new = QType.IQ3_XXS
+        elif ft == FT.MOSTLY_IQ3_XXS:
+            new = QType.IQ2_S
     elif cat == "ffn_down":
         # with experts, the layer comes from the name; without, from the running counter
         i_layer = int(name.split(".")[1]) if m.n_expert > 1 else state["i_ffn_down"]
         n_layer = m.n_layer
         if ft == FT.MOSTLY_Q2_K:
             new = QType.Q3_K
+        elif ft == FT.MOSTLY_IQ3_XXS and not state["has_imatrix"]:
+            new = QType.Q4_K if i_layer < n_layer // 8 else QType.Q3_K
         elif ft == FT.MOSTLY_Q3_K_M:
             new = QType.Q5_K if i_layer < n_layer // 16 else QType.Q4_K
+        elif ft == FT.MOSTLY_IQ3_M and (i_layer < n_layer // 8 or (m.n_expert == 8 and use_more_bits(i_layer, n_layer))):
+            new = QType.Q4_K
         elif ft == FT.MOSTLY_Q3_K_L:
             new = QType.Q5_K
         elif ft == FT.MOSTLY_Q4_K_M:
             if use_more_bits(i_layer, n_layer):
                 new = QType.Q6_K
+        elif (i_layer < n_layer // 8 and ft in (FT.MOSTLY_IQ4_NL, FT.MOSTLY_IQ4_XS)
+              and not state["has_imatrix"]):
+            new = QType.Q5_K
         elif ft == FT.MOSTLY_Q5_K_M and use_more_bits(i_layer, n_layer):
             new = QType.Q6_K
         elif ft == FT.MOSTLY_Q4_K_S and i_layer < n_layer // 8:
@@ -142,14 +181,27 @@ def _mix_type(name: str, base: QType, ft: LlamaFileType, m: ModelShape, ncols: i
         state["i_ffn_down"] += 1
     elif cat == "attn_output":
         if m.n_expert == 8:
-            if ft in (FT.MOSTLY_Q2_K, FT.MOSTLY_Q3_K_S, FT.MOSTLY_Q3_K_M, FT.MOSTLY_Q4_K_S, FT.MOSTLY_Q4_K_M):
+            if ft in (FT.MOSTLY_Q2_K, FT.MOSTLY_IQ3_XS, FT.MOSTLY_IQ3_XXS, FT.MOSTLY_Q3_K_S, FT.MOSTLY_Q3_K_M,
+                      FT.MOSTLY_IQ4_NL, FT.MOSTLY_Q4_K_S, FT.MOSTLY_Q4_K_M, FT.MOSTLY_IQ3_S, FT.MOSTLY_IQ3_M,
+                      FT.MOSTLY_IQ4_XS):
                 new = QType.Q5_K
         elif ft == FT.MOSTLY_Q2_K:
             new = QType.Q3_K
+        elif ft == FT.MOSTLY_IQ3_XXS:
+            new = QType.IQ3_S
         elif ft == FT.MOSTLY_Q3_K_M:
             new = QType.Q4_K
         elif ft == FT.MOSTLY_Q3_K_L:
             new = QType.Q5_K
+        elif ft == FT.MOSTLY_IQ3_M:
+            new = QType.Q4_K
+    elif cat in ("ffn_gate", "ffn_up"):
+        # as ffn_down: the layer from the name with experts, from the tensor's own counter without
+        counter = "i_" + cat
+        i_layer = int(name.split(".")[1]) if m.n_expert > 1 else state[counter]
+        if ft == FT.MOSTLY_IQ3_XS and m.n_layer // 8 <= i_layer < 7 * m.n_layer // 8:
+            new = QType.IQ3_XXS
+        state[counter] += 1
     return new
 
 
@@ -160,12 +212,14 @@ def _fallback(qtype: QType, ncols: int) -> QType:
     return new if ncols % GGML_QUANT_SIZES[new][0] == 0 else QType.F16
 
 
-def choose_types(tensors: list[tuple[str, tuple[int, ...], QType]], file_type: str, model: ModelShape) -> dict[str, QType]:
+def choose_types(tensors: list[tuple[str, tuple[int, ...], QType]], file_type: str, model: ModelShape,
+                 has_imatrix: bool = False) -> dict[str, QType]:
     """{name: GGML type} for tensors given as (name, numpy-order shape, current type)."""
     ft, base = FILE_TYPES[file_type]
     names = {name for name, _, _ in tensors}
-    state = {"tied": "output.weight" not in names, "i_attention_wv": 0, "i_ffn_down": 0,
-             "n_attention_wv": sum(_category(n) in ("attn_v", "attn_qkv") for n in names)}
+    state = {"tied": "output.weight" not in names, "i_attention_wv": 0, "i_ffn_down": 0, "i_ffn_gate": 0,
+             "i_ffn_up": 0, "n_attention_wv": sum(_category(n) in ("attn_v", "attn_qkv") for n in names),
+             "has_imatrix": has_imatrix}
     chosen = {}
     for name, shape, current in sorted(tensors, key=lambda t: _layer_sort_key(t[0])):
         if not allows_quantization(name, shape):
@@ -174,3 +228,20 @@ def choose_types(tensors: list[tuple[str, tuple[int, ...], QType]], file_type: s
         ncols = shape[-1]
         chosen[name] = _fallback(_mix_type(name, base, ft, model, ncols, state), ncols)
     return chosen
+
+
+def require_imatrix(types: dict[str, QType], file_type: str, imatrix_names: set[str] | None) -> None:
+    """Refuse, as llama.cpp does, a file whose tensors of a very low-bit type would be
+    quantized without importance (no imatrix, or none for that tensor); the embeddings and the
+    output are exempt. `imatrix_names`: the tensors the imatrix covers, None for no imatrix."""
+    for name, qtype in types.items():
+        if qtype not in NEEDS_IMATRIX or _category(name) in ("token_embd", "output"):
+            continue
+        if imatrix_names is None:
+            raise InputError(f"{file_type} needs an importance matrix (--imatrix FILE; `localmix imatrix` makes one): "
+                             f"llama.cpp quantizes {name} to {qtype.name}, which it refuses to do without one")
+        if name not in imatrix_names:
+            raise InputError(f"the importance matrix has no entry for {name}, which {file_type} quantizes to "
+                             f"{qtype.name}: llama.cpp refuses to quantize it without one")
+        if qtype not in QUANTIZABLE:
+            raise InputError(f"{file_type} quantizes {name} to {qtype.name}, which localmix cannot write yet")

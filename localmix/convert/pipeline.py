@@ -6,8 +6,8 @@ The data flow, top to bottom:
     --imatrix FILE -> importance per column (per expert)      (imatrix.py)
     each chunk of rows -> kernels.quantize -> appended         (localmix.kernels, gguf/write.py)
 
-F32/F16/BF16/Q8_0 files are what llama.cpp's `convert_hf_to_gguf.py` writes; K-quant files
-are what its `llama_model_quantize` makes of the F32 file, tensor for tensor and byte for
+F32/F16/BF16/Q8_0 files are what llama.cpp's `convert_hf_to_gguf.py` writes; K-quant and
+i-quant files are what its `llama_model_quantize` makes of the F32 file, tensor for tensor and byte for
 byte, in one pass. Peak memory is a chunk of rows, never a stacked expert tensor nor the model.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from localmix import kernels
 from localmix.convert.imatrix import load_imatrix, tensor_importance
-from localmix.convert.mix import CONVERTER_TYPES, FILE_TYPES, choose_types
+from localmix.convert.mix import CONVERTER_TYPES, FILE_TYPES, choose_types, require_imatrix
 from localmix.convert.sources import SourceTensor, open_source
 from localmix.errors import InputError
 from localmix.gguf.write import GGUFFileWriter
@@ -55,10 +55,10 @@ def tensor_type(name: str, shape: tuple[int, ...], file_type: str) -> QType:
     return qtype
 
 
-def pick_types(tensors: list[SourceTensor], file_type: str, model) -> dict[str, QType]:
+def pick_types(tensors: list[SourceTensor], file_type: str, model, has_imatrix: bool = False) -> dict[str, QType]:
     if file_type in CONVERTER_TYPES:
         return {t.name: tensor_type(t.name, t.shape, file_type) for t in tensors}
-    return choose_types([(t.name, t.shape, t.stored_type) for t in tensors], file_type, model)
+    return choose_types([(t.name, t.shape, t.stored_type) for t in tensors], file_type, model, has_imatrix)
 
 
 def _rows(t: SourceTensor):
@@ -85,10 +85,11 @@ def convert(src: str | Path, out: str | Path, file_type: str = "Q4_K_M", force: 
     if file_type not in FILE_TYPES:
         raise InputError(f"unknown type {file_type!r}; choose one of {', '.join(FILE_TYPES)}")
     source = open_source(src)
+    importance = load_imatrix(imatrix) if imatrix is not None else None
+    types = pick_types(source.tensors, file_type, source.model, importance is not None)
+    require_imatrix(types, file_type, None if importance is None else set(importance))
     if getattr(source, "requantizes", False) and warn is not None:
         warn(REQUANTIZE_WARNING.format(src=src))
-    types = pick_types(source.tensors, file_type, source.model)
-    importance = load_imatrix(imatrix) if imatrix is not None else None
 
     with GGUFFileWriter(out, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], force=force) as w:
         h = w.header

@@ -8,9 +8,11 @@ write the bytes `ggml_quantize_chunk` writes, with or without an importance matr
   common.py   float32 bit tricks, FP16 fields, ggml's scale searches (make_*_quants)
   legacy.py   Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
   kquants.py  Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
+  iquants.py  IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S (their grids: iqgrid.py)
   batched.py  the scale searches run on 16 sub-blocks at once (SIMD lanes), bit for bit the same
   fast.py     the quantizers around the batched searches: what `quantize` runs
-`quantize` runs the fast kernels compiled by numba, in parallel over rows; `quantize_ref` runs
+`quantize` runs the fast kernels compiled by numba, in parallel over rows (for the i-quants and
+Q8_0, the plain ports compiled as they are); `quantize_ref` runs
 the plain ports (the straight reading of the C) as plain Python, one row at a time (slow: for
 tests). The float types, and every dequantization, come from the `gguf` package (llama.cpp's
 own gguf-py).
@@ -42,12 +44,12 @@ def _cache_dir() -> str:
 if not os.environ.get("NUMBA_CACHE_DIR"):  # the user's own choice wins
     numba.config.CACHE_DIR = _cache_dir()
 
-from . import common, fast, kquants, legacy
+from . import common, fast, iquants, kquants, legacy
 
 QType = GGMLQuantizationType
 
 # type: (plain row kernel, the reference; parallel driver over rows of the fast kernel, what `quantize` runs)
-KERNELS = {t: (row, fast.DRIVERS.get(t, rows)) for t, (row, rows) in {**legacy.KERNELS, **kquants.KERNELS}.items()}
+KERNELS = {t: (row, fast.DRIVERS.get(t, rows)) for t, (row, rows) in {**legacy.KERNELS, **kquants.KERNELS, **iquants.KERNELS}.items()}
 FLOATS = frozenset({QType.F32, QType.F16, QType.BF16})
 QUANTIZABLE: frozenset[QType] = FLOATS | frozenset(KERNELS)
 
@@ -122,4 +124,4 @@ def _prepare(x: np.ndarray, qtype: QType, imatrix: np.ndarray | None):
 
 @cache
 def _plain() -> dict[str, dict]:
-    return common.plain(common, legacy, kquants)
+    return common.plain(common, legacy, kquants, iquants)

@@ -28,10 +28,16 @@ from numba.extending import intrinsic
 
 from .dot import (
     FP16,
+    GRID_S,
+    GRID_XXS,
     I32,
     I64,
-    KQUANTS,
-    LEGACY,
+    IQ3_S,
+    IQ3_XXS,
+    IQ4_NL,
+    IQ4_XS,
+    KSIGNS,
+    KV,
     Q2_K,
     Q3_K,
     Q4_0,
@@ -43,9 +49,27 @@ from .dot import (
     Q8_0,
     QK,
     ROWS_PER_TASK,
+    SMALL,
+    SUPER,
     F,
     inline,
     parallel,
+)
+from .iquants import (
+    IQ3_S_D,
+    IQ3_S_QH,
+    IQ3_S_QS,
+    IQ3_S_SC,
+    IQ3_S_SIGNS,
+    IQ3_XXS_D,
+    IQ3_XXS_QS,
+    IQ3_XXS_SS,
+    IQ4_NL_D,
+    IQ4_NL_QS,
+    IQ4_XS_D,
+    IQ4_XS_QS,
+    IQ4_XS_SH,
+    IQ4_XS_SL,
 )
 from .kquants import (
     Q2_D,
@@ -87,7 +111,7 @@ from .legacy import (
     Q8_0_QS,
 )
 
-TYPES = KQUANTS | LEGACY
+TYPES = SUPER | SMALL
 AHEAD = 2048  # bytes: how far ahead of the block being read the next are asked for
 # the intrinsic's name mangles its pointer type: opaque `ptr` from LLVM 15, `i8*` before (numba 0.60)
 _PREFETCH = "llvm.prefetch.p0" if binding.llvm_version_info >= (15,) else "llvm.prefetch.p0i8"
@@ -275,6 +299,74 @@ def _legacy(kind, w, r, b, xq, xd, xs):
     return xd[b] * (_f16(w, r, b, Q5_1_D) * F(s) + _f16(w, r, b, Q5_1_M) * F(xs[b]))
 
 
+# ---------------------------------------------------------------- i-quants: levels through a table
+
+@inline
+def _iq4_nl(w, r, b, xq, xd):
+    """d * sum KV[u] xq over the 32 nibbles u (low nibbles elements 0-15, high 16-31)."""
+    x0 = b * QK
+    s = I32(0)
+    for l in range(16):
+        v = w[r, b, IQ4_NL_QS + l]
+        s = I32(s + I32(KV[v & 15]) * I32(xq[x0 + l]) + I32(KV[v >> 4]) * I32(xq[x0 + 16 + l]))
+    return xd[b] * _f16(w, r, b, IQ4_NL_D) * F(s)
+
+
+@inline
+def _iq4_xs(w, r, b, xq, xd):
+    """Sub-block ib of 32: KV levels as IQ4_NL's, times its 6-bit scale minus 32."""
+    h = I32(w[r, b, IQ4_XS_SH]) | (I32(w[r, b, IQ4_XS_SH + 1]) << 8)
+    sumi = I32(0)
+    for ib in range(8):
+        ls = ((I32(w[r, b, IQ4_XS_SL + ib // 2]) >> (4 * (ib % 2))) & 15) | (((h >> (2 * ib)) & 3) << 4)
+        x0 = b * 256 + 32 * ib
+        s = I32(0)
+        for j in range(16):
+            v = w[r, b, IQ4_XS_QS + 16 * ib + j]
+            s = I32(s + I32(KV[v & 15]) * I32(xq[x0 + j]) + I32(KV[v >> 4]) * I32(xq[x0 + 16 + j]))
+        sumi = I32(sumi + (ls - 32) * s)
+    return xd[b] * _f16(w, r, b, IQ4_XS_D) * F(sumi)
+
+
+@inline
+def _iq3_xxs(w, r, b, xq, xd):
+    """Sub-block ib: eight grid points, their signs from 4 x 7 bits, the scale 2l + 1 (d / 4)."""
+    sumi = I32(0)
+    for ib in range(8):
+        at = IQ3_XXS_SS + 4 * ib
+        aux = I64(w[r, b, at]) | (I64(w[r, b, at + 1]) << 8) | (I64(w[r, b, at + 2]) << 16) | (I64(w[r, b, at + 3]) << 24)
+        s = I32(0)
+        for l in range(4):
+            signs = KSIGNS[(aux >> (7 * l)) & 127]
+            for h in range(2):
+                g = w[r, b, IQ3_XXS_QS + 8 * ib + 2 * l + h]
+                x0 = b * 256 + 32 * ib + 8 * l + 4 * h
+                for j in range(4):
+                    p = I32(GRID_XXS[g, j]) * I32(xq[x0 + j])
+                    s = I32(s - p) if (signs >> (4 * h + j)) & 1 else I32(s + p)
+        sumi = I32(sumi + I32(2 * (aux >> 28) + 1) * s)
+    return xd[b] * (_f16(w, r, b, IQ3_XXS_D) * F(0.25)) * F(sumi)
+
+
+@inline
+def _iq3_s(w, r, b, xq, xd):
+    """Sub-block ib: eight 9-bit grid points (qs and bit k of qh[ib]), 32 sign bits, scale 2l + 1."""
+    sumi = I32(0)
+    for ib in range(8):
+        qh = I64(w[r, b, IQ3_S_QH + ib])
+        s = I32(0)
+        for k in range(8):
+            g = I64(w[r, b, IQ3_S_QS + 8 * ib + k]) | (((qh >> k) & 1) << 8)
+            sg = w[r, b, IQ3_S_SIGNS + 4 * ib + k // 2] >> (4 * (k % 2))
+            x0 = b * 256 + 32 * ib + 4 * k
+            for j in range(4):
+                p = I32(GRID_S[g, j]) * I32(xq[x0 + j])
+                s = I32(s - p) if (sg >> j) & 1 else I32(s + p)
+        sc = 2 * ((I32(w[r, b, IQ3_S_SC + ib // 2]) >> (4 * (ib % 2))) & 15) + 1
+        sumi = I32(sumi + sc * s)
+    return xd[b] * _f16(w, r, b, IQ3_S_D) * F(sumi)
+
+
 # One compiled driver per type (the rarer legacy types share one), each reading the tensor's
 # shape once before its prange. Both measured, on Q4_K from memory (before prefetching): one
 # driver holding every type's body ran at 4.5 GB/s against 8.8 for Q4_K's alone, and reading
@@ -366,8 +458,56 @@ def _legacy_rows(kind, w, xq, xd, xs, out):
             out[r] = acc
 
 
+@parallel
+def _iq4_nl_rows(w, xq, xd, xs, out):
+    n, nb = w.shape[0], w.shape[1]
+    for task in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
+            acc = F(0.0)
+            for b in range(nb):
+                _ahead(w, r, b, nb)
+                acc += _iq4_nl(w, r, b, xq, xd)
+            out[r] = acc
+
+
+@parallel
+def _iq4_xs_rows(w, xq, xd, xs, out):
+    n, nb = w.shape[0], w.shape[1]
+    for task in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
+            acc = F(0.0)
+            for b in range(nb):
+                _ahead(w, r, b, nb)
+                acc += _iq4_xs(w, r, b, xq, xd)
+            out[r] = acc
+
+
+@parallel
+def _iq3_xxs_rows(w, xq, xd, xs, out):
+    n, nb = w.shape[0], w.shape[1]
+    for task in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
+            acc = F(0.0)
+            for b in range(nb):
+                _ahead(w, r, b, nb)
+                acc += _iq3_xxs(w, r, b, xq, xd)
+            out[r] = acc
+
+
+@parallel
+def _iq3_s_rows(w, xq, xd, xs, out):
+    n, nb = w.shape[0], w.shape[1]
+    for task in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
+            acc = F(0.0)
+            for b in range(nb):
+                _ahead(w, r, b, nb)
+                acc += _iq3_s(w, r, b, xq, xd)
+            out[r] = acc
+
+
 _ROWS = {Q2_K: _q2_K_rows, Q3_K: _q3_K_rows, Q4_K: _q4_K_rows, Q5_K: _q5_K_rows, Q6_K: _q6_K_rows,
-         Q8_0: _q8_0_rows}
+         Q8_0: _q8_0_rows, IQ4_NL: _iq4_nl_rows, IQ4_XS: _iq4_xs_rows, IQ3_XXS: _iq3_xxs_rows, IQ3_S: _iq3_s_rows}
 
 
 def matvec(kind: int, w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:

@@ -14,6 +14,9 @@ One weight block at a time, each row of the tensor:
      the activation block's scale. The block is unpacked once for all T rows (prefill).
 The K-quant value of element i is d * sc * q_i - dmin * mn; Q3_K and Q6_K have no min and
 keep q signed. A legacy block is d * q_i (+ m for Q4_1/Q5_1, met by the activation block sum).
+The i-quants have no min either: q_i is read through a table (IQ4's non-linear levels, IQ3's
+grid points, signed), IQ4_NL goes with the legacy types (Q8_0 activations, as ggml's
+ggml_vec_dot_iq4_nl_q8_0), IQ4_XS, IQ3_XXS and IQ3_S with the K-quants (Q8_K).
 Rows are shared among the threads in chunks (prange).
 """
 
@@ -24,6 +27,24 @@ from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
 from .common import fp32_to_fp16, nearest_int
+from .iqgrid import KSIGNS, iq3_grid
+from .iquants import (
+    IQ3_S_D,
+    IQ3_S_QH,
+    IQ3_S_QS,
+    IQ3_S_SC,
+    IQ3_S_SIGNS,
+    IQ3_XXS_D,
+    IQ3_XXS_QS,
+    IQ3_XXS_SS,
+    IQ4_NL_D,
+    IQ4_NL_QS,
+    IQ4_XS_D,
+    IQ4_XS_QS,
+    IQ4_XS_SH,
+    IQ4_XS_SL,
+    KVALUES_IQ4NL,
+)
 from .kquants import (
     Q2_D,
     Q2_DMIN,
@@ -68,8 +89,14 @@ F, I16, I32, I64 = np.float32, np.int16, np.int32, np.int64
 QK_K, QK = 256, 32  # elements per K-quant super-block, per legacy block
 KQUANTS = {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
 LEGACY = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0}
+SUPER = KQUANTS | {T.IQ4_XS, T.IQ3_XXS, T.IQ3_S}  # 256-value blocks: Q8_K activations, kquant_matmul
+SMALL = LEGACY | {T.IQ4_NL}  # 32-value blocks: Q8_0 activations, legacy_matmul
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = (int(t) for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = (int(t) for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0))
+IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S = (int(t) for t in (T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S))
+KV = KVALUES_IQ4NL.astype(np.int16)
+GRID_XXS = iq3_grid(T.IQ3_XXS).astype(np.int16)
+GRID_S = iq3_grid(T.IQ3_S).astype(np.int16)
 GROUP = 8  # legacy blocks unpacked at a time
 ROWS_PER_TASK = 16  # rows of a tensor per prange task: scratch is allocated once per task
 
@@ -221,7 +248,61 @@ def _q6_K(w, q, m):
 
 
 @inline
+def _iq4_xs(w, q):
+    """Sub-block ib: 16 bytes, low nibbles then high, each an index into KV; a 6-bit scale
+    (low 4 bits in scales_l, high 2 in scales_h), minus 32."""
+    h = I64(w[IQ4_XS_SH]) | (I64(w[IQ4_XS_SH + 1]) << 8)
+    for ib in range(8):
+        ls = I16(((I64(w[IQ4_XS_SL + ib // 2]) >> (4 * (ib % 2))) & 15) | (((h >> (2 * ib)) & 3) << 4)) - I16(32)
+        for j in range(16):
+            v = w[IQ4_XS_QS + 16 * ib + j]
+            q[32 * ib + j] = KV[v & 15] * ls
+            q[32 * ib + 16 + j] = KV[v >> 4] * ls
+    return _f16(w, IQ4_XS_D), F(0.0)
+
+
+@inline
+def _iq3_xxs(w, q):
+    """Sub-block ib: eight grid points (bytes 8ib..8ib+7), then a 32-bit word of 4 x 7 sign
+    bits (KSIGNS adds the eighth) and the 4-bit scale l on top: 2l + 1, with d / 4."""
+    for ib in range(8):
+        at = IQ3_XXS_SS + 4 * ib
+        aux = I64(w[at]) | (I64(w[at + 1]) << 8) | (I64(w[at + 2]) << 16) | (I64(w[at + 3]) << 24)
+        sc = I16(2 * (aux >> 28) + 1)
+        for l in range(4):
+            signs = KSIGNS[(aux >> (7 * l)) & 127]
+            for h in range(2):
+                g = w[IQ3_XXS_QS + 8 * ib + 2 * l + h]
+                for j in range(4):
+                    v = GRID_XXS[g, j] * sc
+                    q[32 * ib + 8 * l + 4 * h + j] = -v if (signs >> (4 * h + j)) & 1 else v
+    return _f16(w, IQ3_XXS_D) * F(0.25), F(0.0)
+
+
+@inline
+def _iq3_s(w, q):
+    """Sub-block ib: eight 9-bit grid points (a byte of qs, bit k of qh[ib]), 32 sign bits,
+    the 4-bit scale l (nibbles of scales): 2l + 1."""
+    for ib in range(8):
+        sc = I16(2 * ((I64(w[IQ3_S_SC + ib // 2]) >> (4 * (ib % 2))) & 15) + 1)
+        qh = I64(w[IQ3_S_QH + ib])
+        for k in range(8):
+            g = I64(w[IQ3_S_QS + 8 * ib + k]) | (((qh >> k) & 1) << 8)
+            sg = w[IQ3_S_SIGNS + 4 * ib + k // 2]
+            for j in range(4):
+                v = GRID_S[g, j] * sc
+                q[32 * ib + 4 * k + j] = -v if (sg >> (4 * (k % 2) + j)) & 1 else v
+    return _f16(w, IQ3_S_D), F(0.0)
+
+
+@inline
 def _unpack_k(kind, w, q, m):
+    if kind == IQ4_XS:
+        return _iq4_xs(w, q)
+    if kind == IQ3_XXS:
+        return _iq3_xxs(w, q)
+    if kind == IQ3_S:
+        return _iq3_s(w, q)
     if kind == Q2_K:
         return _q2_K(w, q, m)
     if kind == Q3_K:
@@ -233,8 +314,8 @@ def _unpack_k(kind, w, q, m):
 
 @parallel
 def kquant_matmul(kind, w, xq, xd, xs, out):
-    """out (T, N) = the K-quant rows w, as blocks (N, K // 256, block bytes), times the Q8_K
-    activations (xq, xd, xs)."""
+    """out (T, N) = the K-quant (or IQ4_XS/IQ3) rows w, as blocks (N, K // 256, block bytes),
+    times the Q8_K activations (xq, xd, xs)."""
     n_t, k = xq.shape
     n = w.shape[0]
     has_min = kind == Q2_K or kind == Q4_K or kind == Q5_K
@@ -271,6 +352,12 @@ def _qh(w, at):
 @inline
 def _unpack_legacy(kind, w, q):
     """The block's quants into q; returns (d, m): the value of quant q_i is d * q_i + m."""
+    if kind == IQ4_NL:
+        for l in range(16):  # low nibbles are elements 0-15, high nibbles 16-31; indices into KV
+            v = w[IQ4_NL_QS + l]
+            q[l] = KV[v & 15]
+            q[l + 16] = KV[v >> 4]
+        return _f16(w, IQ4_NL_D), F(0.0)
     if kind == Q8_0:
         for l in range(QK):
             q[l] = I16(np.int8(w[Q8_0_QS + l]))
@@ -297,8 +384,8 @@ def _unpack_legacy(kind, w, q):
 
 @parallel
 def legacy_matmul(kind, w, xq, xd, xs, out):
-    """out (T, N) = the legacy rows w, as blocks (N, K // 32, block bytes), times the Q8_0
-    activations (xq, xd, xs)."""
+    """out (T, N) = the legacy (or IQ4_NL) rows w, as blocks (N, K // 32, block bytes), times
+    the Q8_0 activations (xq, xd, xs)."""
     n_t, k = xq.shape
     n = w.shape[0]
     for task in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):

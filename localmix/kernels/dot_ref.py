@@ -6,7 +6,9 @@ bytes the way ggml-quants.c's dequantize_row_* reads them (the K-quant scales th
 
     value[i] = d * sc[s] * q[i] - dmin * mn[s]      i in sub-block s of the block
 
-(legacy blocks are one sub-block with sc = 1; Q4_1/Q5_1's `+ m` is dmin = -m, mn = 1). The
+(legacy blocks are one sub-block with sc = 1; Q4_1/Q5_1's `+ m` is dmin = -m, mn = 1; the
+i-quants' q is a signed level read through a table: IQ4's non-linear levels, IQ3's grid
+points with their signs, and an IQ3 block scale 2 l + 1 comes with d / 4 (IQ3_XXS)). The
 activations are quantized like the fast path's (Q8_K: one float scale per 256, Q8_0: per 32)
 and each block's product is the integer dot of the quants, scaled: what
 ggml_vec_dot_q4_K_q8_K and its siblings compute, without any of their SIMD. For Q4_1/Q5_1 the
@@ -19,6 +21,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
+from .iqgrid import KSIGNS, iq3_grid
+from .iquants import KVALUES_IQ4NL
+
+IQUANTS = {T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S}
 KMASK1, KMASK2, KMASK3 = np.uint32(0x3F3F3F3F), np.uint32(0x0F0F0F0F), np.uint32(0x03030303)
 
 
@@ -76,9 +82,48 @@ def _split(w: np.ndarray, qtype: T, *fields: int) -> list[np.ndarray]:
     return [blocks[..., a:b] for a, b in zip(at[:-1], at[1:])]
 
 
+def _iquant(w: np.ndarray, qtype: T):
+    """The i-quants' blocks, as `decompose` returns them."""
+    kv = KVALUES_IQ4NL.astype(np.int64)
+    if qtype == T.IQ4_NL:
+        d, qs = _split(w, qtype, 2, 16)
+        q = kv[np.concatenate([qs & 15, qs >> 4], axis=-1)][:, :, None, :]
+        ones = np.ones(q.shape[:3], dtype=np.int64)
+        return q, ones, 0 * ones, _f16(d), 0 * _f16(d)
+    if qtype == T.IQ4_XS:
+        d, sh, sl, qs = _split(w, qtype, 2, 2, 4, 128)
+        ib = np.arange(8)
+        h = np.ascontiguousarray(sh).view("<u2")[..., 0].astype(np.int64)  # (n, b)
+        ls = ((sl[..., ib // 2].astype(np.int64) >> (4 * (ib % 2))) & 15) | (((h[..., None] >> (2 * ib)) & 3) << 4)
+        qs = qs.reshape(*qs.shape[:2], 8, 16)
+        q = kv[np.concatenate([qs & 15, qs >> 4], axis=-1)]  # sub-block ib: low nibbles, then high
+        return q, ls - 32, np.zeros_like(ls), _f16(d), 0 * _f16(d)
+    grid = iq3_grid(qtype)
+    if qtype == T.IQ3_XXS:
+        d, qs, ss = _split(w, qtype, 2, 64, 32)
+        aux = np.ascontiguousarray(ss).view("<u4").astype(np.int64)  # (n, b, 8): 4 x 7 sign bits, the scale on top
+        sc = 2 * (aux >> 28) + 1
+        signs = KSIGNS[(aux[..., None] >> (7 * np.arange(4))) & 127]  # (n, b, 8, 4): 8 signs per group of 8
+        points = grid[qs.reshape(*qs.shape[:2], 8, 8)]  # (n, b, 8, 8, 4)
+        d = _f16(d) * np.float32(0.25)
+    else:
+        d, qs, qh, sg, scales = _split(w, qtype, 2, 64, 8, 32, 4)
+        ib = np.arange(8)
+        sc = 2 * ((scales[..., ib // 2].astype(np.int64) >> (4 * (ib % 2))) & 15) + 1
+        high = (qh[..., None].astype(np.int64) >> np.arange(8)) & 1  # (n, b, 8, 8): bit 8 of each grid index
+        points = grid[qs.reshape(*qs.shape[:2], 8, 8).astype(np.int64) | (high << 8)]
+        signs = sg.reshape(*sg.shape[:2], 8, 4)
+        d = _f16(d)
+    bits = (signs[..., None].astype(np.int64) >> np.arange(8)) & 1  # (n, b, 8, 4, 8): element 8l + j
+    q = points.reshape(*points.shape[:3], 32) * (1 - 2 * bits.reshape(*bits.shape[:3], 32))
+    return q, sc, np.zeros_like(sc), d, 0 * d
+
+
 def decompose(w: np.ndarray, qtype: T):
     """The rows' blocks as (q (N, B, S, L) int, sc (N, B, S) int, mn (N, B, S) int, d (N, B), dmin (N, B)):
     element l of sub-block s of block b is d * sc * q - dmin * mn."""
+    if qtype in IQUANTS:
+        return _iquant(w, qtype)
     j4 = np.arange(4).reshape(4, 1, 1)  # the four 2-bit planes of Q2_K/Q3_K, over (j, h, l)
     if qtype == T.Q2_K:
         sc, qs, d, dmin = _split(w, qtype, 16, 64, 2, 2)

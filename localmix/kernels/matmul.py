@@ -10,7 +10,7 @@ The quantized types run the integer kernels of dot.py (activations quantized to 
 Q8_0 first, as llama.cpp does: that costs a little accuracy, see tests/test_matmul.py).
 Prefill (T > 1) unpacks each weight block once for all T rows (dot.py); decode (T = 1) meets
 each sub-block's quants with the activation straight from the bytes (decode.py). For the
-legacy types, whose prefill kernel is still slow (see the benchmark), from PREFILL_BLAS_T
+legacy types and IQ4_NL, whose prefill kernel is still slow (see the benchmark), from PREFILL_BLAS_T
 activation rows on, dequantize + numpy BLAS on the quantized activations is faster (quantized
 all the same, so that the result does not depend on the batch size).
 
@@ -62,14 +62,14 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType) -> np.ndarray:
     w = np.asarray(w)  # a np.memmap is an ndarray for numba: same bytes, no copy
     assert w.dtype == np.uint8 and w.ndim == 2 and w.shape[1] == k // block * nbytes and k % block == 0, (
         f"{qtype.name} rows of shape {w.shape} {w.dtype} for activations of width {k}")
-    if qtype in dot.LEGACY and x.shape[0] >= PREFILL_BLAS_T:  # BLAS on the quantized activations
+    if qtype in dot.SMALL and x.shape[0] >= PREFILL_BLAS_T:  # BLAS on the quantized activations
         xq, xd, xs = dot.quantize_activations(x, dot.QK, dot.QK)
         out = matmul_ref((xq.reshape(x.shape[0], -1, dot.QK) * xd[..., None]).reshape(x.shape), w, qtype)
         return out + _q8_1_sum_rounding(x, xd, xs, w, qtype)
     w = np.ascontiguousarray(w).reshape(n, k // block, nbytes)  # the blocks; no copy for rows as stored
     if qtype not in decode.TYPES:
         return matmul_ref(x, w, qtype)
-    kquant = qtype in dot.KQUANTS
+    kquant = qtype in dot.SUPER
     xq, xd, xs = dot.quantize_activations(x, *((dot.QK_K, 16) if kquant else (dot.QK, dot.QK)))
     out = np.empty((x.shape[0], n), dtype=np.float32)
     if x.shape[0] == 1:
