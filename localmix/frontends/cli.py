@@ -306,6 +306,36 @@ def imatrix(
     err.print(f"wrote {out}: {len(data['sums'])} tensors, {data['chunk_count']} chunks of {ctx} tokens")
 
 
+@app.command(name="eval")
+def eval_cmd(
+    model: str = typer.Argument(None, help="The GGUF to measure (a file or a pulled name); leave out to only "
+                                "--save-reference."),
+    reference: Path = typer.Option(..., "--reference", help="The reference: a GGUF (F32/F16/Q8_0, say), or a file "
+                                   "written by --save-reference or llama-perplexity's --kl-divergence-base."),
+    text: Path = typer.Option(None, "--text", help="The text to score (needed unless --reference is a saved file)."),
+    ctx: int = typer.Option(512, "--ctx", min=16, help="Tokens per window; the second half of each is scored."),
+    save_reference: Path = typer.Option(None, "--save-reference", help="Keep the reference's log-probabilities in "
+                                        "this file (llama-perplexity's format) to compare more models later."),
+    engine: str = ENGINE,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """How much a model loses against a reference: llama-perplexity --kl-divergence's report.
+
+    Perplexity of both, mean KL divergence with its standard error, KLD percentiles, how often
+    both put the same token first, and the change in the next token's probability, over
+    non-overlapping windows of the text, scoring the second half of each."""
+    from localmix.frontends.evaluate import render, run_eval
+
+    path = _model_path(model) if model else None
+    stats = run_eval(path, reference, text, ctx, engine=engine, save_to=save_reference, console=err)
+    if stats is None:
+        err.print(f"wrote {save_reference}")
+    elif as_json:
+        print(json.dumps({"model": str(path), "reference": str(reference), **stats.to_json()}))
+    else:
+        Console(highlight=False).print(render(stats, str(path), str(reference)))
+
+
 @app.command()
 def synth(
     preset: str = typer.Option(..., "--preset", help="mixtral-8x7b, mixtral-8x22b or mistral-7b."),
