@@ -21,6 +21,7 @@ import gguf
 import numpy as np
 
 from localmix import kernels
+from localmix.convert.fit import check_mix
 from localmix.convert.imatrix import load_imatrix, tensor_importance
 from localmix.convert.mix import CONVERTER_TYPES, FILE_TYPES, choose_types
 from localmix.convert.sources import SourceTensor, open_source
@@ -72,13 +73,21 @@ def _rows(t: SourceTensor):
 
 
 def convert(src: str | Path, out: str | Path, file_type: str = "Q4_K_M", force: bool = False,
-            imatrix: str | Path | None = None, progress: Progress | None = None) -> ConvertResult:
+            imatrix: str | Path | None = None, progress: Progress | None = None,
+            types: dict[str, QType] | None = None) -> ConvertResult:
     """Convert `src` (a Hugging Face checkpoint folder, or a float GGUF file) to the GGUF
-    file `out` of `file_type`, optionally guided by an importance matrix file."""
+    file `out` of `file_type`, optionally guided by an importance matrix file. `types`, a
+    {tensor name: type} table (a fitted mix, fit.py), overrides the file type's choice for
+    the tensors it names; general.file_type stays `file_type`'s, as llama.cpp's quantizer
+    keeps its ftype under tensor-type overrides."""
     if file_type not in FILE_TYPES:
         raise InputError(f"unknown type {file_type!r}; choose one of {', '.join(FILE_TYPES)}")
     source = open_source(src)
-    types = pick_types(source.tensors, file_type, source.model)
+    chosen = pick_types(source.tensors, file_type, source.model)
+    if types:
+        check_mix(types, [(t.name, t.shape) for t in source.tensors])
+        chosen.update(types)
+    types = chosen
     importance = load_imatrix(imatrix) if imatrix is not None else None
 
     with GGUFFileWriter(out, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], force=force) as w:
