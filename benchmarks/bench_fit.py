@@ -9,7 +9,7 @@ MPL-2.0). Prints both sizes, both mean KLDs and the ratio; checks the fitted fil
 the budget and that `llama_model_quantize` with the same per-tensor types writes its bytes.
 The measured curves are kept in --dir and reused on a second run (--remeasure redoes them).
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_fit.py [--models smollm2,tiny] [--ctx 256]
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_fit.py [--models smollm2,tiny] [--ctx 256] [--held-out GPL-2]
 """
 
 from __future__ import annotations
@@ -63,12 +63,12 @@ def _same_bytes(a: Path, b: Path) -> bool:
     return all(ours.get(t.name) == bytes(t.data) for t in GGUFReader(b).tensors)
 
 
-def run(name: str, f32: Path, src: Path, d: Path, ctx: int, remeasure: bool) -> None:
-    print(f"{name}:")
-    ref = d / f"{name}-heldout-{ctx}.kld"
+def run(name: str, f32: Path, src: Path, d: Path, ctx: int, remeasure: bool, held_out: list[str]) -> None:
+    print(f"{name}: held-out text {', '.join(held_out)}")
+    ref = d / f"{name}-heldout-{'+'.join(held_out)}-{ctx}.kld"
     if not ref.exists():
         scorer = LlamaScorer(f32, ctx)
-        save_reference(scorer, _text(HELD_OUT), ctx, ref)
+        save_reference(scorer, _text(held_out), ctx, ref)
         scorer.close()
     curves = _curves(f32, d / f"{name}-curves.json", remeasure)
     source = open_source(src)
@@ -105,18 +105,20 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,tiny")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--remeasure", action="store_true")
+    ap.add_argument("--held-out", default=",".join(HELD_OUT), help="texts of /usr/share/common-licenses to score")
     args = ap.parse_args()
+    held_out = args.held_out.split(",")
     args.dir.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
         if name == "smollm2":
             f32 = make_smollm2_f32(args.dir / "smollm2-F32.gguf")
-            run(name, f32, f32, args.dir, args.ctx, args.remeasure)
+            run(name, f32, f32, args.dir, args.ctx, args.remeasure, held_out)
         elif name == "tiny":
             src = make_tiny_checkpoint(args.dir / "tiny-mixtral")
             f32 = args.dir / "tiny-F32.gguf"
             if not f32.exists():
                 convert(src, f32, "F32")
-            run(name, f32, src, args.dir, args.ctx, args.remeasure)
+            run(name, f32, src, args.dir, args.ctx, args.remeasure, held_out)
 
 
 if __name__ == "__main__":
