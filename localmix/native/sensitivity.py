@@ -1,0 +1,189 @@
+"""How much each tensor's quantization costs: the measured curves `quantize --fit` solves over.
+
+For one tensor (a group: all experts of a stacked tensor share one type) and a candidate type,
+the cost is the KL divergence of the model's next-token distributions on calibration text,
+when that tensor alone is quantized to the type and every other weight stays as in the float
+source. The native forward measures it without writing a file: the tensor's view is swapped
+in memory for its quantized bytes, and the forward restarts at the tensor's layer from the
+reference pass's saved residual stream (layers before it are unchanged).
+
+Measuring every (tensor, type) pair costs a forward each; by default (`measure="probe"`) one
+type per tensor is run (the candidate with the fewest bits) and the other types' costs
+are scaled from it by their activation-weighted squared error (sum over columns of the
+input's mean square times the squared rounding error, per expert weighted by its share of
+the routed tokens), which the KL divergence follows to second order. `measure="all"` runs
+the forward for every pair. The activation statistics come from the reference pass itself.
+A swapped tensor that is small enough is held as its rounded weights in float32, so the
+forward runs on BLAS; the products' own rounding of activations to Q8 is left out of the
+measure (it does not depend on the weight's type).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from localmix import kernels
+from localmix.convert.fit import Curve, candidate_types, fit_tensors
+from localmix.kernels import QType
+from localmix.kernels.matmul import dequantize_rows
+from localmix.native.model import KVCache, block, linear, rms_norm
+from localmix.native.stats import _Collector
+from localmix.native.weights import Tensor, Weights, load_weights, vocabulary
+
+SAMPLE_ROWS = 1024   # rows per expert whose rounding error is computed for each candidate type
+FLOAT_COPY_LIMIT = 256 << 20   # a swapped tensor is held as float32 rounded weights up to this size
+
+
+@dataclass
+class Calibration:
+    """The reference pass over the calibration windows."""
+    windows: list[list[int]]
+    residuals: list[list[np.ndarray]]    # per window, the input (T, D) of every layer, then the final one
+    log_probs: list[np.ndarray]          # per window (T, V) float32
+    probs: list[np.ndarray]              # their exp, (T, V)
+    activations: _Collector              # sums of squared inputs per product (per expert), token counts
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _run_from(w: Weights, start: int, x: np.ndarray, cache: KVCache) -> np.ndarray:
+    """The forward from layer `start` (its input x) to the logits (T, V)."""
+    for il in range(start, w.hp.n_layer):
+        x = block(x, w.layers[il], il, cache, 0, w.hp)
+    return linear(rms_norm(x, w.output_norm, w.hp.norm_eps), w.output)
+
+
+def calibrate(w: Weights, windows: list[list[int]]) -> Calibration:
+    collector = _Collector()
+    residuals, log_probs = [], []
+    for tokens in windows:
+        cache = KVCache.empty(w.hp, len(tokens))
+        x = dequantize_rows(w.token_embd.data[np.asarray(tokens)], w.token_embd.qtype)
+        saved = []
+        for il, layer in enumerate(w.layers):
+            saved.append(x)
+            x = block(x, layer, il, cache, 0, w.hp, collector)
+        saved.append(x)
+        log_probs.append(_log_softmax(linear(rms_norm(x, w.output_norm, w.hp.norm_eps), w.output, collector)))
+        residuals.append(saved)
+    log_probs = [p.astype(np.float32) for p in log_probs]
+    return Calibration(windows, residuals, log_probs, [np.exp(p) for p in log_probs], collector)
+
+
+def _kl(ref: np.ndarray, p: np.ndarray, logits: np.ndarray) -> float:
+    """Mean KL(reference || model) over positions, in float32 (the reference's rows float32 too)."""
+    logits = np.asarray(logits, np.float32)
+    top = logits.max(-1, keepdims=True)
+    log_q = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    return float((p * (ref - log_q)).sum(-1, dtype=np.float64).mean())
+
+
+def _with(w: Weights, name: str, t: Tensor) -> Weights:
+    """The weights with tensor `name` replaced (both ends of tied embeddings)."""
+    if name == "token_embd.weight":
+        return replace(w, token_embd=t, output=t if w.output.name == name else w.output)
+    if name == "output.weight":
+        return replace(w, output=t)
+    layers = list(w.layers)
+    il, kind = int(name.split(".")[1]), name.split(".")[2]
+    layers[il] = replace(layers[il], **{kind: t})
+    return replace(w, layers=layers)
+
+
+def _float_rows(t: Tensor, e: int | None) -> np.ndarray:
+    data = t.data if e is None else t.data[e]
+    return dequantize_rows(data, t.qtype) if t.qtype != QType.F32 else np.asarray(data, np.float32)
+
+
+def _experts(t: Tensor) -> list[int | None]:
+    return list(range(t.shape[0])) if len(t.shape) == 3 else [None]
+
+
+def quantized(t: Tensor, qtype: QType, importance: np.ndarray | None = None) -> Tensor:
+    """The tensor quantized to `qtype` (expert by expert), as a Tensor the forward reads: its
+    rounded weights in float32 where that copy is small (BLAS products, fast), else its bytes."""
+    small = 4 * np.prod(t.shape) <= FLOAT_COPY_LIMIT
+    parts = []
+    for e in _experts(t):
+        data = kernels.quantize(_float_rows(t, e), qtype, None if importance is None else importance[e or 0])
+        parts.append(kernels.dequantize(data, qtype).reshape(t.shape[-2:]) if small else data)
+    data = np.stack(parts) if len(t.shape) == 3 else parts[0]
+    return Tensor(t.name, data, QType.F32 if small else qtype, t.shape)
+
+
+def weighted_errors(t: Tensor, types: list[QType], cal: Calibration,
+                    importance: np.ndarray | None = None) -> list[float]:
+    """Each type's activation-weighted squared rounding error of `t`, over a sample of rows."""
+    sums, counts = cal.activations.sums.get(t.name), cal.activations.counts.get(t.name)
+    errors = np.zeros(len(types))
+    for e in _experts(t):
+        k = e or 0
+        if sums is not None and counts[k] > 0:
+            scale, share = sums[k] / counts[k], counts[k] / counts.sum()
+        else:  # a lookup (token_embd) or an expert no calibration token reached
+            scale, share = np.ones(t.shape[-1]), 1.0 / len(_experts(t))
+        rows = _float_rows(t, e)
+        rows = rows[:: max(1, len(rows) // SAMPLE_ROWS)]
+        for i, qtype in enumerate(types):
+            back = kernels.dequantize(kernels.quantize(rows, qtype, None if importance is None else importance[k]),
+                                      qtype).reshape(rows.shape)
+            errors[i] += share * float((((back - rows) ** 2) * scale).sum())
+    return errors.tolist()
+
+
+def measure(w: Weights, cal: Calibration, name: str, t: Tensor) -> float:
+    """Mean KL divergence of the model with tensor `name` replaced by `t`, over the windows."""
+    w2 = _with(w, name, t)
+    start = 0 if name == "token_embd.weight" else (w.hp.n_layer if name == "output.weight" else int(name.split(".")[1]))
+    total = 0.0
+    for tokens, saved, ref, p in zip(cal.windows, cal.residuals, cal.log_probs, cal.probs):
+        cache = KVCache.empty(w.hp, len(tokens))
+        x = dequantize_rows(w2.token_embd.data[np.asarray(tokens)], w2.token_embd.qtype) if start == 0 else saved[start]
+        total += _kl(ref, p, _run_from(w2, start, x, cache))
+    return total / len(cal.windows)
+
+
+def sensitivity_curves(path: str | Path, text: str, n_ctx: int = 128, n_windows: int = 2, measure_all: bool = False,
+                       imatrix: dict[str, np.ndarray] | None = None, allowed: tuple[str, ...] | None = None,
+                       progress: Callable[[int, int, str], None] | None = None) -> list[Curve]:
+    """The measured curve of every tensor the fitter chooses a type for, of the float GGUF at
+    `path`, on up to `n_windows` windows of `n_ctx` tokens of `text`."""
+    from localmix.convert.imatrix import tensor_importance
+    from localmix.errors import InputError
+
+    w = load_weights(path)
+    vocab = vocabulary(path)
+    tokens = vocab.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    if len(tokens) < n_ctx:
+        raise InputError(f"the calibration text has {len(tokens)} tokens, fewer than one window of {n_ctx}")
+    windows = [tokens[i * n_ctx:(i + 1) * n_ctx] for i in range(min(n_windows, len(tokens) // n_ctx))]
+    cal = calibrate(w, windows)
+    by_name = {t.name: t for t in w.tensors()}
+    names = [n for n, _ in fit_tensors([(t.name, t.shape) for t in by_name.values()])]
+    curves = []
+    for i, name in enumerate(names):
+        t = by_name[name]
+        types = candidate_types(t.shape[-1], allowed)
+        if not types:
+            raise InputError(f"no candidate type fits {name}'s rows of {t.shape[-1]}")
+        importance = tensor_importance(imatrix, name, t.shape)
+        nbytes = [kernels.tensor_nbytes(q, t.shape) for q in types]
+        if measure_all:
+            loss = [measure(w, cal, name, quantized(t, q, importance)) for q in types]
+        else:
+            errors = weighted_errors(t, types, cal, importance)
+            probe = measure(w, cal, name, quantized(t, types[0], importance))
+            alpha = probe / errors[0] if errors[0] > 0 else 0.0
+            loss = [alpha * e for e in errors]
+        curves.append(Curve(name, types, nbytes, loss))
+        if progress:
+            progress(i + 1, len(names), name)
+    return curves
