@@ -189,7 +189,7 @@ def _legacy_imatrix(entries: dict[str, list[float]]) -> bytes:
 @pytest.mark.parametrize("content,words", [
     (b"", ["truncated or is not an imatrix file"]),
     (b"not an imatrix at all, just text", ["is not an imatrix file"]),
-    (b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40, ["not a valid imatrix GGUF"]),
+    (b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40, ["imatrix.dat is truncated/corrupt", "re-download it"]),
     (_legacy_imatrix({"blk.0.attn_k.weight": [1.0, float("nan")]}), ["non-finite", "blk.0.attn_k.weight"]),
     (_legacy_imatrix({"blk.0.attn_q.weight": [1.0, 2.0, 3.0]}), ["blk.0.attn_q.weight", "another model"]),
 ], ids=["empty", "text", "garbled-gguf", "nan", "another-model"])

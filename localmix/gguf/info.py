@@ -30,12 +30,11 @@ HPARAMS = [  # (label, key suffix after "{arch}.")
 def _mistral_version(r) -> str:
     """"v1" when "[INST]" is text (Mixtral 8x7B), "v2/v3" when the vocabulary has it as a control
     token (Mixtral 8x22B, Mistral 7B v0.3: mistral-common puts it at id 3, among the first few)."""
-    tokens, types = r.fields.get("tokenizer.ggml.tokens"), r.fields.get("tokenizer.ggml.token_type")
+    tokens, types = r.fields.get("tokenizer.ggml.tokens"), field_value(r, "tokenizer.ggml.token_type")
     if tokens is None or types is None:
         return "v1"
-    for i in range(min(16, len(tokens.data))):
-        text = bytes(tokens.parts[tokens.data[i]]).decode("utf-8", "replace")
-        if text == "[INST]" and int(types.parts[types.data[i]][0]) == 3:  # llama.cpp's CONTROL
+    for i in range(min(16, array_length(tokens), len(types))):
+        if tokens.contents(i) == "[INST]" and int(types[i]) == 3:  # llama.cpp's CONTROL
             return "v2/v3"
     return "v1"
 
