@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 from conftest import run_localmix
-from gguf import GGUFReader
+from gguf import GGML_QUANT_SIZES, GGUFReader
 from llama_quantize import llama_model_quantize
 
 from localmix.convert.fit import Curve, candidate_types, solve
@@ -47,8 +47,7 @@ def test_solver_fits_the_budget_and_is_near_the_optimum(seed):
 
 def test_candidates_fit_the_rows():
     assert QType.Q4_K in candidate_types(512) and QType.Q4_K not in candidate_types(576)
-    assert all(576 % (32 if t in (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0) else 256) == 0
-               for t in candidate_types(576))
+    assert all(576 % GGML_QUANT_SIZES[t][0] == 0 for t in candidate_types(576))  # 32-value blocks only
     assert candidate_types(512)[0] == QType.Q2_K and candidate_types(512)[-1] == QType.Q8_0
 
 

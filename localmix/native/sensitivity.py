@@ -32,7 +32,8 @@ from localmix.kernels import QType
 from localmix.kernels.matmul import dequantize_rows
 from localmix.native.model import KVCache, block, linear, rms_norm
 from localmix.native.stats import _Collector
-from localmix.native.weights import Tensor, Weights, load_weights, vocabulary
+from localmix.native.weights import Tensor, Weights, load_weights
+from localmix.runtime.vocab import open_vocab
 
 SAMPLE_ROWS = 1024   # rows per expert whose rounding error is computed for each candidate type
 FLOAT_COPY_LIMIT = 256 << 20   # a swapped tensor is held as float32 rounded weights up to this size
@@ -160,7 +161,7 @@ def sensitivity_curves(path: str | Path, text: str, n_ctx: int = 128, n_windows:
     from localmix.errors import InputError
 
     w = load_weights(path)
-    vocab = vocabulary(path)
+    vocab = open_vocab(path)
     tokens = vocab.tokenize(text.encode("utf-8"), add_bos=True, special=False)
     if len(tokens) < n_ctx:
         raise InputError(f"the calibration text has {len(tokens)} tokens, fewer than one window of {n_ctx}")
