@@ -34,7 +34,7 @@ class NativeScorer:
 
         self.engine = NativeEngine(path, n_ctx=n_ctx)
         self.n_vocab = self.engine.weights.hp.n_vocab
-        self.add_bos = bool(self.engine.vocab.add_bos_token())
+        self.add_bos = self.engine.vocab.add_bos
         self.bos = self.engine.vocab.token_bos()
 
     def tokenize(self, text: str) -> list[int]:
