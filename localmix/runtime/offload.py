@@ -17,6 +17,7 @@ import ctypes
 import threading
 from contextlib import contextmanager
 
+from localmix.runtime.log import set_llama_log
 from localmix.runtime.planner import Plan
 
 _LOCK = threading.Lock()
@@ -77,6 +78,7 @@ def load_llama(model_path: str, plan: Plan | None = None, n_gpu_layers: int | No
     anything else)."""
     from llama_cpp import Llama
 
+    set_llama_log(bool(kwargs.get("verbose", True)))  # llama.cpp's log on stderr exactly when verbose
     if n_gpu_layers is None:
         n_gpu_layers = plan.n_gpu_layers if plan else 0
     overrides = override_array(plan.overrides if plan else [])
