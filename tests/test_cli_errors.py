@@ -134,8 +134,11 @@ def test_disk_full_mid_write(ckpt, tmp_path):
     assert_clean_failure(r, out, 1, "cannot write", str(out))
 
 
-def test_sigint_mid_write(tmp_path):
-    """Ctrl-C while the data streams out: exit 130, nothing at OUT, the partial file removed."""
+@pytest.mark.parametrize("sig,code,words", [(signal.SIGINT, 130, ["interrupted"]), (signal.SIGTERM, 143, ["terminated"])],
+                         ids=["ctrl-c", "sigterm"])
+def test_signal_mid_write(tmp_path, sig, code, words):
+    """Ctrl-C or a `kill` while the data streams out: exit 130 or 143, nothing at OUT, the
+    partial file removed."""
     src = make_tiny_checkpoint(tmp_path / "bigger", hidden_size=1024, intermediate_size=2048,
                                num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4)
     out = tmp_path / "out.gguf"
@@ -152,10 +155,10 @@ def test_sigint_mid_write(tmp_path):
         time.sleep(0.002)
     else:
         pytest.fail("the conversion never started writing")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    assert_clean_failure(r, out, 130, "interrupted")
+    assert_clean_failure(r, out, code, *words)
 
 
 def test_nan_weight_names_the_tensor(tmp_path):

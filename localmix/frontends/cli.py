@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import typer
@@ -507,8 +509,18 @@ def _generate(model: Path, prompt: str, max_tokens: int) -> None:
     sys.stdout.write("\n")
 
 
+class _Terminated(BaseException):
+    """SIGTERM (`kill`, a service manager): unwinds like Ctrl-C, so a file being written is removed."""
+
+
+def _terminated(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)  # `serve` installs its own when it starts
     try:
         code = app(args=argv, prog_name="localmix", standalone_mode=False)
     except BrokenPipeError:
@@ -522,6 +534,9 @@ def main(argv: list[str] | None = None) -> None:
     except ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    except _Terminated:
+        err.print("localmix: terminated", markup=False)
+        sys.exit(128 + signal.SIGTERM)
     except (KeyboardInterrupt, typer.Abort):
         code = EXIT_INTERRUPTED
     # typer turns Ctrl-C into an exit code of 130 (older versions raise Abort instead)
