@@ -104,6 +104,9 @@ REFUSED = {  # name -> (make the mutant, words the one line must hold)
         ["general.alignment is 16"]),
     "more experts used than there are": (
         lambda m: m._set("e", KV(b"llama.expert_used_count", T.UINT32, 9)), ["llama.expert_used_count is 9"]),
+    "experts used as a per-layer array (llama.cpp reads one number and aborts)": (
+        lambda m: m._set("u", KV(b"llama.expert_used_count", T.ARRAY, [2, 2], T.UINT32)),
+        ["llama.expert_used_count is an array of uint32"]),
     "scores shorter than the tokens": (
         lambda m: m._set("s", KV(b"tokenizer.ggml.scores", T.ARRAY, np.zeros(256, np.float32), T.FLOAT32)),
         ["tokenizer.ggml.scores has 256 scores for 512 tokens"]),

@@ -103,7 +103,9 @@ def _hparams(r: Reader, arch: str) -> dict:
     _in_range(k("embedding_length"), n_embd, 1, 2**17)
     for name, lo in (("feed_forward_length", 0), ("attention.head_count", 0), ("attention.head_count_kv", 0),
                      ("expert_used_count", 0)):
-        v = _scalar(r, k(name), T.UINT32, per_layer=True)
+        # llama.cpp reads the first three per layer (get_key_or_arr); expert_used_count is a plain
+        # get_key, and an array there aborts its loader (found by benchmarks/fuzz_gguf.py)
+        v = _scalar(r, k(name), T.UINT32, per_layer=name != "expert_used_count")
         if isinstance(v, np.ndarray) and v.size != n_layer:
             raise BadValue(f"{k(name)} has {v.size} per-layer values for {n_layer} layers")
         if v is not None:
