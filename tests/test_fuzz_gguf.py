@@ -107,6 +107,8 @@ REFUSED = {  # name -> (make the mutant, words the one line must hold)
     "experts used as a per-layer array (llama.cpp reads one number and aborts)": (
         lambda m: m._set("u", KV(b"llama.expert_used_count", T.ARRAY, [2, 2], T.UINT32)),
         ["llama.expert_used_count is an array of uint32"]),
+    "a SentencePiece byte token missing (llama.cpp's byte fallback aborts)": (
+        lambda m: _set_token(m, 3 + 0x41, b"<0x4A1>"), ["no byte token <0x41>"]),
     "scores shorter than the tokens": (
         lambda m: m._set("s", KV(b"tokenizer.ggml.scores", T.ARRAY, np.zeros(256, np.float32), T.FLOAT32)),
         ["tokenizer.ggml.scores has 256 scores for 512 tokens"]),

@@ -178,6 +178,13 @@ def _vocabulary(r: Reader) -> int:
     if bad >= 0:
         raise BadValue(f"tokenizer.ggml.tokens: token {bad} ({tokens.raw(bad)[:24]!r}) is not valid UTF-8")
     _unique_texts(tokens, buf, starts, lengths)
+    if model == b"llama":  # SentencePiece: llama.cpp's byte fallback looks up <0xXX>, then the byte
+        # itself, with unordered_map::at, whose out_of_range kills the process (fuzz_gguf found it)
+        have = {tokens.raw(int(i)) for i in np.flatnonzero((np.asarray(lengths) == 6) | (np.asarray(lengths) == 1))}
+        missing = [b for b in range(256) if b"<0x%02X>" % b not in have and bytes([b]) not in have]
+        if missing:
+            raise BadValue(f"tokenizer.ggml.tokens has no byte token <0x{missing[0]:02X}>, which llama.cpp's "
+                           "SentencePiece tokenizer needs")
 
     for key, item, what in (("tokenizer.ggml.scores", (T.FLOAT32, T.INT32), "scores"),
                             ("tokenizer.ggml.token_type", (T.INT32,), "token types")):
