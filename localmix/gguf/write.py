@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from localmix.errors import InputError, OutputError
+from localmix.outfile import publish, temporary_beside
 
 
 def _io_error(path: Path, e: OSError) -> OutputError:
@@ -59,14 +59,9 @@ class GGUFFileWriter:
         if not parent.is_dir():
             raise OutputError(f"cannot write {self.path}: directory {parent} does not exist")
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=parent)
+            self._tmp = temporary_beside(self.path)
         except OSError as e:
             raise OutputError(f"cannot write {self.path}: {e.strerror} (is {parent} writable?)") from None
-        os.close(fd)
-        self._tmp = Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
         return self
 
     def begin_data(self) -> None:
@@ -115,7 +110,7 @@ class GGUFFileWriter:
                     self._f.flush()
                     os.fsync(self._f.fileno())
                     self._f.close()
-                    os.replace(self._tmp, self.path)
+                    publish(self._tmp, self.path)
                 except OSError as e:
                     raise _io_error(self.path, e) from None
                 self._tmp = None

@@ -12,8 +12,6 @@ token replaced by BOS, the tail that fills no chunk dropped (tools/imatrix/imatr
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +22,7 @@ from localmix.errors import InputError
 from localmix.gguf.read import field_value
 from localmix.native.model import KVCache, prefill
 from localmix.native.weights import load_weights
+from localmix.outfile import atomic_output
 
 
 class _Collector:
@@ -82,17 +81,8 @@ def write_imatrix(out: str | Path, imatrix: dict, dataset: str = "text", force: 
     out = Path(out)
     if out.exists() and not force:
         raise InputError(f"{out} already exists; pass --force to overwrite it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_output(out) as tmp:
         save_imatrix(tmp, imatrix["sums"], imatrix["counts"], [dataset], imatrix["chunk_count"], imatrix["chunk_size"])
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out
 
 

@@ -16,7 +16,6 @@ window at a time, so the reference and the model are never loaded together.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Protocol
@@ -24,6 +23,7 @@ from typing import BinaryIO, Callable, Iterator, Protocol
 import numpy as np
 
 from localmix.errors import InputError
+from localmix.outfile import atomic_output
 from localmix.runtime.kld import KLDStats, Scores, compress, row_width, score, summarize
 
 MAGIC = b"_logits_"
@@ -140,25 +140,16 @@ def save_reference(scorer: Scorer, text: str, n_ctx: int, out: str | Path,
     `out` (atomically: a temporary name beside it, renamed when complete)."""
     win = windows(scorer.tokenize(text), n_ctx)
     out = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC)
-            f.write(np.array([n_ctx], np.uint32).tobytes() + np.array([scorer.n_vocab, len(win)], np.int32).tobytes())
-            f.write(win.tobytes())
-            for i, w in enumerate(win):
-                f.write(compress(_window_logits(scorer, w)).tobytes())
-                if progress:
-                    progress(i + 1, len(win))
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(out) as tmp, open(tmp, "wb") as f:
+        f.write(MAGIC)
+        f.write(np.array([n_ctx], np.uint32).tobytes() + np.array([scorer.n_vocab, len(win)], np.int32).tobytes())
+        f.write(win.tobytes())
+        for i, w in enumerate(win):
+            f.write(compress(_window_logits(scorer, w)).tobytes())
+            if progress:
+                progress(i + 1, len(win))
+        f.flush()
+        os.fsync(f.fileno())
     return read_reference(out)
 
 
