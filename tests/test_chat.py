@@ -309,7 +309,7 @@ class Terminal:
     def key(self, name):
         self.tmux("send-keys", name)
 
-    def wait_for(self, check, timeout=20.0) -> str:
+    def wait_for(self, check, timeout=60.0) -> str:
         end = time.monotonic() + timeout
         while True:
             screen = self.screen()
@@ -319,7 +319,7 @@ class Terminal:
                 raise AssertionError(f"timed out; the screen was:\n{screen}")
             time.sleep(0.05)
 
-    def wait_count(self, text, n, timeout=20.0) -> str:
+    def wait_count(self, text, n, timeout=60.0) -> str:
         return self.wait_for(lambda s: s.count(text) >= n, timeout)
 
     def close(self):
@@ -379,7 +379,7 @@ def test_terminal_streams_then_ctrl_c_stops_a_reply(terminal):
     t.send("Another long story please")
     t.wait_for(lambda s: after(s, "Another long story please"))  # the reply has begun
     t.key("C-c")
-    t.wait_for(lambda s: "stopped: interrupted" in s.split("Another long story please")[-1], timeout=10)
+    t.wait_for(lambda s: "stopped: interrupted" in s.split("Another long story please")[-1], timeout=30)
     t.send("/set max_tokens 5")
     t.send("Short one")
     screen = t.wait_for(lambda s: replies(s) >= 3)
@@ -433,4 +433,4 @@ def test_terminal_history_persists_across_runs(terminal, tmp_path):
 
     second = terminal(data_home=data)
     second.key("Up")
-    second.wait_for(lambda s: s.rstrip().endswith(">>> /set seed 7"), timeout=10)
+    second.wait_for(lambda s: s.rstrip().endswith(">>> /set seed 7"), timeout=30)
