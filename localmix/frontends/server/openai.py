@@ -20,7 +20,6 @@ from localmix.frontends.server.common import (
     ApiError,
     Run,
     State,
-    chat_prompt,
     collect_all,
     sampling_from,
     sse,
@@ -54,10 +53,10 @@ def router(state: State) -> APIRouter:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         messages = mistral.with_safe_prompt([m.model_dump(exclude_none=True) for m in body.messages], body.safe_prompt)
         plan = structured.plan(state, body, messages)
-        tokens = chat_prompt(state, plan.messages)
+        tokens = plan.prompt(state)
         top = (body.top_logprobs or 0) if body.logprobs else None
         run = Run(state, _jobs(state, body, tokens, max_tokens=body.max_completion_tokens or body.max_tokens,
-                               grammar=plan.grammar, logprobs=top))
+                               grammar=plan.grammar, logprobs=top, bias=plan.bias, shown=plan.shown))
         rid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
         head = {"id": rid, "created": created, "model": state.options.model_name}
         names = logprobs.Names(state.engine.vocab.piece)
@@ -122,7 +121,8 @@ def check_params(body: Common) -> None:
 
 
 def _jobs(state: State, body: Common, tokens: list[int], max_tokens: int | None, grammar: str | None = None,
-          strip_space: bool = True, logprobs: int | None = None) -> list[dict]:
+          strip_space: bool = True, logprobs: int | None = None, bias: dict[int, float] | None = None,
+          shown: frozenset[int] = frozenset()) -> list[dict]:
     """The scheduler jobs of a request: `n` choices of one prompt, choice i seeded with seed + i."""
     if body.n > state.scheduler.parallel:
         raise ApiError(400, f"n={body.n} choices need as many slots and this server has {state.scheduler.parallel} "
@@ -132,7 +132,7 @@ def _jobs(state: State, body: Common, tokens: list[int], max_tokens: int | None,
                              repeat_penalty=body.repetition_penalty, seed=seed, max_tokens=max_tokens, stop=body.stop)
     if len(sampling.stop) > 4:
         raise ApiError(400, "at most 4 stop sequences", param="stop")
-    bias = {}
+    bias = dict(bias or {})  # the plan's, then the request's
     for key, value in (body.logit_bias or {}).items():
         if not key.lstrip("-").isdigit() or not 0 <= int(key) < state.engine.llm.n_vocab():
             raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model", param="logit_bias")
@@ -141,7 +141,7 @@ def _jobs(state: State, body: Common, tokens: list[int], max_tokens: int | None,
         bias[int(key)] = float("-inf") if value == -100 else value
     job = dict(tokens=tokens, sampling=sampling, frequency_penalty=body.frequency_penalty or 0.0,
                presence_penalty=body.presence_penalty or 0.0, logit_bias=bias, grammar=grammar,
-               strip_space=strip_space, logprobs=logprobs)
+               strip_space=strip_space, logprobs=logprobs, shown=shown)
     seeded = [dataclasses.replace(sampling, seed=(seed + i) % 2**32) for i in range(body.n)] if seed is not None \
         else [sampling] * body.n
     return [{**job, "sampling": s} for s in seeded]

@@ -73,6 +73,7 @@ class Job:
     logit_bias: dict[int, float] = field(default_factory=dict)
     strip_space: bool = True                       # drop the reply's SentencePiece word-start (chat)
     logprobs: int | None = None                    # emit Scored events with this many alternatives
+    shown: frozenset[int] = frozenset()            # control tokens whose text the reply shows ([TOOL_CALLS])
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_step: int | None = None                 # the scheduler's step when cancel() was called
     submitted: float = field(default_factory=time.perf_counter)
@@ -259,7 +260,8 @@ class Scheduler:
         L.llama_memory_seq_rm(self.mem, slot.seq, slot.n_kv, -1)
         slot.job, slot.generated, slot.token, slot.t_first = job, 0, None, None
         slot.sampler, slot.grammar = samplers
-        slot.events = reply_events(self._tokens(slot), self.words.piece, self.words.eog, len(job.tokens),
+        piece = self.words.piece if not job.shown else lambda t: self.words.piece(t, t in job.shown)
+        slot.events = reply_events(self._tokens(slot), piece, self.words.eog, len(job.tokens),
                                    len(job.tokens) - keep, self.n_ctx, job.sampling, job.cancelled, job.strip_space)
         self.metrics.prompt_tokens += len(job.tokens) - keep
         self.metrics.cached_tokens += keep
