@@ -1,7 +1,8 @@
 """Mistral's native tool calls through `localmix serve` on a model with the tool tokens (the
 tiny Mixtral 8x22B, mistral-common's v3 vocabulary): the prompt is mistral-common's, a forced
 call is `[TOOL_CALLS] [...]` read back into OpenAI's `tool_calls` (streamed: the arguments in
-pieces) and ollama's, and the round trip with the result goes on in the native format."""
+pieces) and ollama's, and the round trip with the result goes on in the native format; and
+fill in the middle through the mistralai client (the v3 vocabulary has [PREFIX]/[SUFFIX])."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import re
 import jsonschema
 import openai
 import pytest
+from mistral_common.protocol.fim.request import FIMRequest
 from mistral_common.protocol.instruct.messages import AssistantMessage, ToolMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from mistralai.client import Mistral
 from test_server import WEATHER
 
 from localmix.frontends.server import ollama as ollama_dialect
@@ -112,3 +115,17 @@ def test_native_replies_parse_for_openai_and_ollama():
     assert stream.called
     plain = NativeStream(plan.tools)
     assert plain.feed("Hello") == [{"content": "Hello"}] and plain.feed(" there") == [{"content": " there"}]
+
+
+def test_fim_through_the_mistral_client(native):
+    mistral = Mistral(api_key=native.key, server_url=native.url, timeout_ms=60000)
+    assert mistral.models.list().data[0].capabilities.completion_fim is True
+    prompt, suffix = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
+    done = mistral.fim.complete(model=MODEL, prompt=prompt, suffix=suffix, temperature=0, max_tokens=12)
+    middle = done.choices[0].message.content
+    assert middle and done.choices[0].finish_reason in ("stop", "length")
+    fim = MistralTokenizer.v3().encode_fim(FIMRequest(prompt=prompt, suffix=suffix)).tokens
+    assert done.usage.prompt_tokens == len(fim) and done.usage.completion_tokens >= 1
+    streamed = "".join(c.data.choices[0].delta.content or "" for c in
+                       mistral.fim.stream(model=MODEL, prompt=prompt, suffix=suffix, temperature=0, max_tokens=12))
+    assert streamed == middle

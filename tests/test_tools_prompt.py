@@ -87,3 +87,17 @@ def test_v2_encoding_and_no_tool_tokens(vocab, converted):
     messages[2] = {**messages[2], "name": "get_weather"}
     assert tool_prompt(vocab, v2, messages, [WEATHER]) == mistral_common(MistralTokenizer.v2(), messages, [WEATHER])
     assert tool_tokens(open_vocab(converted("mixtral", "Q8_0"))) is None  # 8x7B's v1: the generic JSON prompt
+
+
+@pytest.mark.parametrize("prompt, suffix", [("def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"), ("x = ", ""),
+                                            ("  indented", "  and a suffix with spaces  ")])
+def test_fim_tokens_equal_mistral_common(vocab, converted, prompt, suffix):
+    from mistral_common.protocol.fim.request import FIMRequest
+
+    from localmix.errors import InputError
+    from localmix.runtime.prompt import fim_tokens
+
+    theirs = MistralTokenizer.v3().encode_fim(FIMRequest(prompt=prompt, suffix=suffix or None)).tokens
+    assert fim_tokens(vocab, prompt, suffix) == theirs
+    with pytest.raises(InputError, match=r"\[PREFIX\]/\[SUFFIX\]"):
+        fim_tokens(open_vocab(converted("mixtral", "Q8_0")), prompt, suffix)

@@ -27,6 +27,7 @@ from localmix.frontends.server.common import (
 )
 from localmix.frontends.server.scheduler import Scored
 from localmix.frontends.server.schemas import ACCEPTED, UNSUPPORTED, ChatRequest, Common, CompletionRequest
+from localmix.runtime.prompt import FIM_TOKENS
 from localmix.runtime.stream import Done, Piece
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
@@ -159,8 +160,13 @@ def _model_card(state: State) -> dict:
     # Mistral's model card adds these (its client requires `type`); OpenAI's clients ignore them
     n_ctx = state.scheduler.n_ctx if state.scheduler is not None else None
     return {**card, "type": "base", "name": state.options.model_name, "max_context_length": n_ctx, "aliases": [],
-            "capabilities": {"completion_chat": True, "completion_fim": False, "function_calling": True,
+            "capabilities": {"completion_chat": True, "completion_fim": _fim(state), "function_calling": True,
                              "fine_tuning": False, "vision": False}}
+
+
+def _fim(state: State) -> bool:
+    vocab = state.engine.vocab if state.engine is not None else None
+    return vocab is not None and all(vocab.special_id(t) is not None for t in FIM_TOKENS)
 
 
 def _stream(run: Run, head: dict, kind: str, include_usage: bool, plan, scored=None) -> StreamingResponse:

@@ -135,3 +135,9 @@ class ChatRequest(Common):
 class CompletionRequest(Common):
     prompt: Union[str, list[str]]
     logprobs: Optional[int] = Field(None, ge=0, le=5)  # the legacy shape: how many alternatives
+
+
+class FIMRequest(Common):
+    """Mistral's fill-in-the-middle (`client.fim.complete`): the code before and after the gap."""
+    prompt: str
+    suffix: Optional[str] = None
