@@ -117,9 +117,11 @@ class Metrics:
 
 class Scheduler:
     def __init__(self, llm, parallel: int = 1, n_ctx: int = 2048, queue_size: int = 16, chunk: int = 128,
-                 n_threads: int | None = None):
+                 n_threads: int | None = None, release_engine_context: bool = False):
         """`llm` is a loaded llama_cpp.Llama; its model (weights) is shared, a context of our own
-        holds `parallel` sequences of `n_ctx` tokens each."""
+        holds `parallel` sequences of `n_ctx` tokens each. `release_engine_context` frees the
+        Llama's own context (its KV cache) once ours exists, so the memory holds one, not two:
+        for a server, whose engine then only tokenizes; `llm` can no longer generate."""
         self.llm, self.parallel, self.n_ctx, self.chunk, self.queue_size = llm, parallel, n_ctx, chunk, queue_size
         # The Llama's own context is not used here, but until it has decoded once its CPU
         # thread pool keeps polling for work and starves ours (measured: 40 s instead of 0.06 s
@@ -140,6 +142,8 @@ class Scheduler:
         if not self.ctx:
             raise MemoryError("llama.cpp could not make a context for the server's sequences")
         self.mem = L.llama_get_memory(self.ctx)
+        if release_engine_context:
+            llm._ctx.close()  # llama_free of the engine's context; closing it again (at exit) does nothing
         self.n_batch = params.n_batch
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._ids = np.arange(self.n_vocab, dtype=np.int32)
