@@ -402,7 +402,8 @@ class Scheduler:
         x = logits.astype(np.float64)
         m = x.max()
         lse = m + np.log(np.exp(x - m).sum())
-        best = np.argpartition(-x, top)[:top] if 0 < top < self.n_vocab else np.arange(self.n_vocab if top else 0)
+        top = min(top, self.n_vocab)
+        best = np.argpartition(-x, top - 1)[:top] if top else np.zeros(0, dtype=np.int64)
         best = best[np.lexsort((best, -x[best]))]  # most likely first, ties by id
         return Scored(token, float(x[token] - lse), [(int(t), float(x[t] - lse)) for t in best])
 
