@@ -92,10 +92,16 @@ def measure(url: str, model: str, clients: int, requests: int, max_tokens: int) 
             t0 = time.perf_counter()
             await asyncio.gather(*(client(http, model, k, requests, max_tokens, ttfts, counts) for k in range(clients)))
             wall = time.perf_counter() - t0
-        ttfts.sort()
-        return {"tps": sum(counts) / wall, "p50": statistics.median(ttfts),
-                "p99": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))], "tokens": sum(counts)}
+        return {"wall": wall, "ttfts": ttfts, "tokens": sum(counts)}
     return asyncio.run(main())
+
+
+def summary(runs: list[dict]) -> dict:
+    """Runs of one server and client count pooled: tokens over wall time, TTFT percentiles."""
+    ttfts = sorted(t for r in runs for t in r["ttfts"])
+    tokens, wall = sum(r["tokens"] for r in runs), sum(r["wall"] for r in runs)
+    return {"tps": tokens / wall, "p50": statistics.median(ttfts),
+            "p99": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))], "tokens": tokens}
 
 
 def main():
@@ -106,6 +112,9 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after the other")
     ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure each server this many times, alternating which goes first (a busy machine's "
+                         "load drifts), and pool the rounds")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     if args.smollm2:
@@ -123,24 +132,27 @@ def main():
                                        str(args.ctx), "--model_alias", "m", "--interrupt_requests", "False"],
                              "/v1/models", None),
     }
-    results = {}
-    for name, (cmd, ready, pinned) in servers.items():
+    runs = {}
+    order = list(servers)
+    for name in [n for r in range(args.rounds) for n in (order if r % 2 == 0 else order[::-1])]:
+        cmd, ready, pinned = servers[name]
         port = free_port()
         cmd = cmd + ["--port", str(port)]
         proc = start(cmd, port, work / f"{name}.log", ready, pinned)
         try:
             measure(f"http://127.0.0.1:{port}", "m", 1, 1, 4)  # warm-up
             for clients in (1, 4, 8):
-                results[name, clients] = measure(f"http://127.0.0.1:{port}", "m", clients, args.requests,
-                                                 args.max_tokens)
-                r = results[name, clients]
+                runs.setdefault((name, clients), []).append(
+                    measure(f"http://127.0.0.1:{port}", "m", clients, args.requests, args.max_tokens))
+                r = summary(runs[name, clients][-1:])
                 print(f"{name:17s} {clients} client(s): {r['tps']:7.1f} tok/s, TTFT p50 {r['p50'] * 1000:7.1f} ms, "
                       f"p99 {r['p99'] * 1000:7.1f} ms ({r['tokens']} tokens)", flush=True)
         finally:
             proc.terminate()
             proc.wait(30)
+    results = {key: summary(value) for key, value in runs.items()}
     print(f"\n{model.name}, {args.threads} threads, {args.max_tokens} tokens per request, {args.requests} "
-          "request(s) per client\n")
+          f"request(s) per client, {args.rounds} round(s), load average {os.getloadavg()[0]:.1f}\n")
     print("| clients | localmix tok/s | llama-cpp-python tok/s | ratio | TTFT p50 localmix / llama-cpp-python | p99 |")
     print("|---|---|---|---|---|---|")
     for clients in (1, 4, 8):
