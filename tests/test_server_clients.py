@@ -103,3 +103,12 @@ def test_mistral_chat_stream_models_json_tools_and_errors(mistral):
     with pytest.raises(SDKError) as e:
         mistral.chat.complete(model=MODEL, messages=messages, min_tokens=3)
     assert e.value.status_code == 400 and "min_tokens" in str(e.value.body)
+
+
+def test_mistral_fim_needs_the_fim_tokens(mistral):
+    """Mixtral 8x7B's v1 vocabulary has no [PREFIX]/[SUFFIX]: FIM is a 400 that says why
+    (the tiny 8x22B's v3 vocabulary fills in the middle: test_server_tools_v3.py)."""
+    with pytest.raises(SDKError) as e:
+        mistral.fim.complete(model=MODEL, prompt="def add(a, b):\n    ", suffix="\n", max_tokens=4)
+    assert e.value.status_code == 400 and "[PREFIX]/[SUFFIX]" in str(e.value.body)
+    assert mistral.models.list().data[0].capabilities.completion_fim is False

@@ -1,5 +1,5 @@
 """Property test: 2,000+ generated requests against `localmix serve` (conftest's `server`), valid
-and broken bodies for the OpenAI and ollama endpoints: never a 5xx, never a hang, every error a
+and broken bodies for the OpenAI, ollama and Mistral FIM endpoints: never a 5xx, never a hang, every error a
 JSON body, and the server still serves afterwards. Replies are kept to a few tokens so the run
 stays short; hypothesis is derandomized so CI sees the same requests every time."""
 
@@ -39,17 +39,20 @@ chat_fields = {
     "tool_choice": st.one_of(st.sampled_from(["auto", "none", "required", "any"]), json_values),
     "frequency_penalty": st.floats(-3, 3, allow_nan=False),
     "user": st.text(max_size=5),
-    "logprobs": st.booleans(),
-    "n": st.integers(0, 3),
+    "logprobs": st.one_of(st.booleans(), st.integers(-1, 6)),
+    "top_logprobs": st.integers(-1, 21),
+    "n": st.integers(0, 5),
 }
 extra_key = st.text(min_size=1, max_size=8)
 
 
 def request_for(path, fields, extra):
     body = dict(fields)
-    if path == "/v1/completions":
+    if path in ("/v1/completions", "/v1/fim/completions"):
         body.pop("messages", None)
         body["prompt"] = extra.get("prompt", "Once")
+    if path == "/v1/fim/completions":
+        body["suffix"] = extra.get("prompt", "\n")
     if path == "/api/chat":
         body = {"model": body.get("model", MODEL), "messages": body.get("messages", []),
                 "stream": body.get("stream", False), "options": {"num_predict": 2, **extra.get("options", {})}}
@@ -62,7 +65,7 @@ def request_for(path, fields, extra):
 
 @settings(max_examples=2000, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
-@given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/api/chat"]),
+@given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/api/chat", "/v1/fim/completions"]),
        fields=st.fixed_dictionaries({}, optional=chat_fields),
        extra=st.fixed_dictionaries({}, optional={"prompt": st.one_of(st.text(max_size=20), json_values),
                                                  "options": st.dictionaries(

@@ -5,19 +5,22 @@ or the native engine). The one module that knows both engines, so that neither i
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from localmix.errors import InputError
 from localmix.gguf.check import check_gguf
 from localmix.runtime.devices import machine, parse_size
 from localmix.runtime.llama import LlamaCppEngine
-from localmix.runtime.memory import available_memory, check_fits, estimate_memory, largest_fitting_ctx
+from localmix.runtime.memory import FIT_SLACK, available_memory, check_fits, estimate_memory, largest_fitting_ctx
 from localmix.runtime.planner import file_plan
+from localmix.units import human_bytes
 
 
 def open_engine(path: str | Path, ctx: int | None = None, force: bool = False, verbose: bool = False,
                 vram: str | None = None, ram: str | None = None, n_cpu_moe: int | None = None,
-                gpu_layers: int | None = None, repack: bool | None = None, engine: str = "llama.cpp"):
+                gpu_layers: int | None = None, repack: bool | None = None, engine: str = "llama.cpp",
+                sequences: int = 1):
     """Check the file, choose the context, plan where the tensors go, check it fits, and load it.
 
     On the CPU the default context is the model's own, capped by what RAM allows (in steps of
@@ -27,7 +30,25 @@ def open_engine(path: str | Path, ctx: int | None = None, force: bool = False, v
     largest of the model's own, 16K, 8K, 4K and 2K whose plan fits. `n_cpu_moe` and
     `gpu_layers` overrule the planner, as llama.cpp's flags of those names do; `repack` too
     (None: the plan's choice). `engine="native"` runs localmix's own forward (localmix.native) on
-    the CPU, its KV cache float32."""
+    the CPU, its KV cache float32. `sequences`: how many KV caches of `ctx` tokens the caller
+    will hold (a server's --parallel); the memory check counts them all."""
+    ctx, plan, _ = plan_engine(path, ctx, force, vram, ram, n_cpu_moe, engine, sequences)
+    if engine == "native":
+        from localmix.native.engine import NativeEngine  # numba's compiled kernels: only when asked for
+
+        plan.repack = False  # the native engine reads the weights where they are mapped
+        native = NativeEngine(path, n_ctx=ctx, verbose=verbose)
+        native.plan = plan
+        return native
+    if repack is not None:
+        plan.repack = repack
+    return LlamaCppEngine(path, n_ctx=ctx, verbose=verbose, plan=plan, n_gpu_layers=gpu_layers, repack=plan.repack)
+
+
+def plan_engine(path: str | Path, ctx: int | None = None, force: bool = False, vram: str | None = None,
+                ram: str | None = None, n_cpu_moe: int | None = None, engine: str = "llama.cpp", sequences: int = 1):
+    """open_engine's checks without the loading: (context per sequence, placement plan, device).
+    A model that does not fit with `sequences` KV caches of the context is an InputError."""
     if engine not in ("llama.cpp", "native"):
         raise InputError(f"unknown engine {engine!r}; choose llama.cpp or native")
     summary = check_gguf(path)
@@ -37,30 +58,33 @@ def open_engine(path: str | Path, ctx: int | None = None, force: bool = False, v
         device, gpu_budget, ram_budget = machine(vram, ram)
     if device == "cpu":
         kv_bytes = 4 if engine == "native" else 2
-        estimate = estimate_memory(summary, ctx or summary.context_length or 4096, kv_bytes)
+        estimate = estimate_memory(summary, (ctx or summary.context_length or 4096) * sequences, kv_bytes)
         if ctx is None and estimate.total_bytes > ram_budget:
-            fitting = largest_fitting_ctx(estimate, ram_budget)
+            fitting = (largest_fitting_ctx(estimate, ram_budget) or 0) // sequences // 256 * 256
             if fitting:
-                estimate = estimate_memory(summary, fitting, kv_bytes)
-        ctx = estimate.n_ctx
-        check_fits(estimate, ram_budget, force)
-        plan = file_plan(path, ctx, None, ram_budget)
-        if engine == "native":
-            from localmix.native.engine import NativeEngine  # numba's compiled kernels: only when asked for
-
-            plan.repack = False  # the native engine reads the weights where they are mapped
-            native = NativeEngine(path, n_ctx=ctx, verbose=verbose)
-            native.plan = plan
-            return native
-    else:
-        own = summary.context_length or 4096
-        tries = [ctx] if ctx else [own] + [c for c in (16384, 8192, 4096, 2048) if c < own]
-        for ctx in tries:
-            plan = file_plan(path, ctx, gpu_budget, ram_budget, device, n_cpu_moe)
-            if plan.fits:
-                break
-        if not plan.fits and not force:
-            raise InputError(f"{Path(path).name} at {ctx} tokens of context: {plan.advice} (--force loads it anyway)")
-    if repack is not None:
-        plan.repack = repack
-    return LlamaCppEngine(path, n_ctx=ctx, verbose=verbose, plan=plan, n_gpu_layers=gpu_layers, repack=plan.repack)
+                estimate = estimate_memory(summary, fitting * sequences, kv_bytes)
+        ctx = estimate.n_ctx // sequences
+        if sequences > 1:  # KV caches for every token of every sequence; attention spans one sequence's
+            # cache, over the server's batches of 128 tokens a sequence (scheduler.py's chunk)
+            one = estimate_memory(summary, ctx, kv_bytes, n_ubatch=128 * sequences)
+            estimate = dataclasses.replace(estimate, compute_bytes=one.compute_bytes)
+        if sequences == 1:
+            check_fits(estimate, ram_budget, force)
+        elif not force and estimate.total_bytes > FIT_SLACK * ram_budget:
+            raise InputError(f"{Path(path).name} with {sequences} sequences (--parallel) of {ctx} tokens (--ctx) "
+                             f"needs about {human_bytes(estimate.total_bytes)} (weights "
+                             f"{human_bytes(estimate.weights_bytes)}, KV caches {human_bytes(estimate.kv_bytes)}, "
+                             f"compute {human_bytes(estimate.compute_bytes)}) but "
+                             f"{human_bytes(max(ram_budget, 0))} of memory is available; lower --parallel or --ctx, "
+                             "or pass --force")
+        return ctx, file_plan(path, ctx * sequences, None, ram_budget), device
+    own = summary.context_length or 4096
+    tries = [ctx] if ctx else [own] + [c for c in (16384, 8192, 4096, 2048) if c < own]
+    for ctx in tries:
+        plan = file_plan(path, ctx * sequences, gpu_budget, ram_budget, device, n_cpu_moe)
+        if plan.fits:
+            break
+    if not plan.fits and not force:
+        held = f" with {sequences} sequences (--parallel)" if sequences > 1 else ""
+        raise InputError(f"{Path(path).name} at {ctx} tokens of context{held}: {plan.advice} (--force loads it anyway)")
+    return ctx, plan, device

@@ -49,7 +49,7 @@ class LlamaCppEngine:
         set_llama_log(verbose)
         try:
             self.llm = load_llama(str(self.path), plan, n_gpu_layers, repack, n_ctx=n_ctx or 0, n_batch=512,
-                                  use_mmap=True, n_threads=n_threads or os.cpu_count(), verbose=verbose, **llama_kwargs)
+                                  use_mmap=True, n_threads=n_threads or usable_cpus(), verbose=verbose, **llama_kwargs)
         except LocalmixError:
             raise
         except Exception as e:  # whatever the load of an untrusted file raises is one line, not a traceback
@@ -84,3 +84,8 @@ class LlamaCppEngine:
                                         len(tokens) - cached, self.n_ctx, s, cancel)
             finally:
                 stream.close()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, a container's cpuset), not all the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -148,3 +148,22 @@ def _templated(vocab: Vocab, messages: list[dict[str, Any]], template: str) -> l
     flush()
     return ids
 
+
+
+# ---- fill in the middle ----
+
+FIM_TOKENS = ("[PREFIX]", "[SUFFIX]")
+
+
+def fim_tokens(vocab: Vocab, prompt: str, suffix: str) -> list[int]:
+    """mistral-common's FIM encoding (InstructTokenizerV2.encode_fim), for a vocabulary with the
+    [PREFIX] and [SUFFIX] control tokens (mistral-common's v3 SentencePiece tokenizer, Codestral):
+    `<s> [SUFFIX] suffix [PREFIX] prompt`, the model writing what goes between. The suffix has
+    no SentencePiece word-start (mistral-common tokenizes "☺" + suffix and drops two tokens)."""
+    prefix_id, suffix_id = (vocab.special_id(t) for t in FIM_TOKENS)
+    if prefix_id is None or suffix_id is None:
+        raise InputError("this model cannot fill in the middle: its vocabulary has no [PREFIX]/[SUFFIX] control "
+                         "tokens (mistral-common's FIM needs them; Mixtral 8x22B's v3 tokenizer has them, "
+                         "Mixtral 8x7B's v1 does not)")
+    middle = _text(vocab, "☺" + suffix)[2:] if suffix else []
+    return [vocab.token_bos(), suffix_id, *middle, prefix_id, *_text(vocab, prompt)]

@@ -37,14 +37,15 @@ class Vocab:
         """The text of `tokens`, control tokens left out."""
         return self.model.detokenize(tokens, special=False)
 
-    def piece(self, token: int) -> bytes:
-        """What one generated token shows: nothing for a control token."""
-        if self.is_control(token):
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """What one generated token shows: nothing for a control token, unless `special`
+        (then its text, as log-probabilities name the tokens)."""
+        if not special and self.is_control(token):
             return b""
         size = 64
         while True:
             buf = (ctypes.c_char * size)()
-            n = self._cpp.llama_token_to_piece(self.model.vocab, token, buf, size, 0, False)
+            n = self._cpp.llama_token_to_piece(self.model.vocab, token, buf, size, 0, special)
             if n >= 0:
                 return bytes(buf[:n])
             size = -n  # llama.cpp says how much room the piece needs

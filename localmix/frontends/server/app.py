@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from localmix.frontends.server import ollama, openai
+from localmix.frontends.server import fim, ollama, openai
 from localmix.frontends.server.common import ApiError, State
 
 log = logging.getLogger("localmix.server")
@@ -52,6 +52,7 @@ def build_app(state: State) -> FastAPI:
     app = FastAPI(title="localmix", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.include_router(openai.router(state))
     app.include_router(ollama.router(state))
+    app.include_router(fim.router(state))
 
     @app.get("/health")
     async def health():

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from localmix.errors import InputError
-from localmix.frontends.server.scheduler import Busy, Job, Scheduler
+from localmix.frontends.server.scheduler import Busy, Job, Scheduler, Scored
 from localmix.runtime.prompt import chat_tokens
 from localmix.runtime.stream import Done, Piece, Sampling
 
@@ -102,53 +102,76 @@ def sampling_from(state: State, *, temperature=None, top_p=None, top_k=None, min
 
 
 class Run:
-    """One job on the scheduler, submitted at once (a full queue is a 503 before any byte of the
-    reply is sent); `async for event in run` yields its Pieces and its Done. Leaving early (a
-    client that disconnected, an error) cancels the sequence."""
+    """One request's jobs on the scheduler (several for OpenAI's `n`: the first job and its
+    forks), submitted at once (a full queue is a 503 before any byte of the reply is sent).
+    `async for index, event in run.tagged()` yields each job's Scored, Piece and Done events,
+    tagged with the job's index; `async for event in run` is that for a run of one job.
+    Leaving early (a client that disconnected, an error) cancels every sequence of the run."""
 
-    def __init__(self, state: State, job_kwargs: dict):
+    def __init__(self, state: State, job_kwargs: dict | list[dict]):
         self.scheduler = state.require()
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.job = Job(emit=lambda e: loop.call_soon_threadsafe(self.queue.put_nowait, e), **job_kwargs)
+        kwargs = [job_kwargs] if isinstance(job_kwargs, dict) else job_kwargs
+        self.jobs = [Job(emit=self._emitter(loop, i), **kw) for i, kw in enumerate(kwargs)]
+        self.scores: list[list[Scored]] = [[] for _ in self.jobs]  # what the jobs' Scored events said
         self.finished = False
         try:
-            self.scheduler.submit(self.job)
+            self.scheduler.submit(*self.jobs)
         except Busy:
             raise ApiError(503, "the server is busy: every slot is taken and the queue is full; retry shortly",
                            kind="server_error", code="overloaded",
                            headers={"Retry-After": str(state.options.retry_after)}) from None
 
-    async def __aiter__(self) -> AsyncIterator[Piece | Done]:
+    def _emitter(self, loop, index: int):
+        return lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+    async def tagged(self) -> AsyncIterator[tuple[int, Scored | Piece | Done]]:
+        running = len(self.jobs)
         try:
-            while True:
-                event = await self.queue.get()
+            while running:
+                index, event = await self.queue.get()
                 if isinstance(event, Exception):
                     self.finished = True
                     if isinstance(event, ValueError):
                         raise ApiError(400, str(event))
                     raise event
+                if isinstance(event, Scored):
+                    self.scores[index].append(event)
                 if isinstance(event, Done):
-                    self.finished = True
-                    yield event
-                    return
-                yield event
+                    running -= 1
+                    self.finished = not running
+                yield index, event
         finally:
             self.close()
+
+    async def __aiter__(self) -> AsyncIterator[Scored | Piece | Done]:
+        async for _, event in self.tagged():
+            yield event
 
     def close(self) -> None:
         if not self.finished:
             self.finished = True
-            self.scheduler.cancel(self.job)
+            for job in self.jobs:
+                self.scheduler.cancel(job)
 
 
 async def collect(run: Run, request=None) -> Done:
     """Run a job to its end; with `request`, a client that disconnects cancels it."""
-    async def drain() -> Done:
-        async for event in run:
+    return (await collect_all(run, request))[0]
+
+
+async def collect_all(run: Run, request=None) -> list[Done]:
+    """Run every job of `run` to its end (their Done by index); with `request`, a client that
+    disconnects cancels them."""
+    async def drain() -> list[Done]:
+        dones: list[Done | None] = [None] * len(run.jobs)
+        async for index, event in run.tagged():
             if isinstance(event, Done):
-                return event
-        raise ApiError(500, "the generation ended without a result", kind="server_error")
+                dones[index] = event
+        if any(d is None for d in dones):
+            raise ApiError(500, "the generation ended without a result", kind="server_error")
+        return dones
 
     task = asyncio.ensure_future(drain())
     if request is None:

@@ -139,7 +139,7 @@ def router(state: State) -> APIRouter:
         messages = [_openai_message(m) for m in body.messages]
         shim = SimpleNamespace(response_format=_format(body.format), tools=body.tools, tool_choice=None)
         plan = structured.plan(state, shim, messages)
-        job = _job(state, body.options, chat_prompt(state, plan.messages), plan.grammar)
+        job = _job(state, body.options, plan.prompt(state), plan.grammar, bias=plan.bias, shown=plan.shown)
         run = Run(state, job)
         if not body.stream:
             done = await collect(run, request)
@@ -171,7 +171,8 @@ def router(state: State) -> APIRouter:
     return api
 
 
-def _job(state: State, options: Options | None, tokens: list[int], grammar: str | None, strip_space: bool = True):
+def _job(state: State, options: Options | None, tokens: list[int], grammar: str | None, strip_space: bool = True,
+         bias: dict[int, float] | None = None, shown: frozenset[int] = frozenset()):
     o = options or Options()
     if o.num_ctx is not None and o.num_ctx > state.scheduler.n_ctx:
         raise ApiError(400, f"num_ctx {o.num_ctx} is over the server's context of {state.scheduler.n_ctx} tokens "
@@ -180,7 +181,8 @@ def _job(state: State, options: Options | None, tokens: list[int], grammar: str 
     sampling = sampling_from(state, temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, min_p=o.min_p,
                              repeat_penalty=o.repeat_penalty, seed=o.seed, max_tokens=max_tokens, stop=o.stop)
     return dict(tokens=tokens, sampling=sampling, frequency_penalty=o.frequency_penalty or 0.0,
-                presence_penalty=o.presence_penalty or 0.0, grammar=grammar, strip_space=strip_space)
+                presence_penalty=o.presence_penalty or 0.0, grammar=grammar, strip_space=strip_space,
+                logit_bias=bias or {}, shown=shown)
 
 
 def _format(fmt) -> ResponseFormat | None:
@@ -203,11 +205,12 @@ def _openai_message(m: Message) -> dict:
 
 
 def _message(plan, text: str) -> dict:
-    call = plan.parse_call(text)
-    if call is None:
+    calls = plan.parse_calls(text)
+    if calls is None:
         return {"role": "assistant", "content": text}
     return {"role": "assistant", "content": "", "tool_calls": [
-        {"function": {"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])}}]}
+        {"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+        for c in calls]}
 
 
 def _final(model: str, done: Done, body: dict) -> dict:

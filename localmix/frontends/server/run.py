@@ -48,6 +48,10 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
         extra.add(f"[{host}]" if ":" in host else host)
     options.allowed_hosts = tuple(sorted(set(options.allowed_hosts) | extra))
     check_gguf(path)  # a broken file is a clean error now, not a failed load later
+    from localmix.frontends.load import plan_engine
+
+    wanted = {k: v for k, v in (load_options or {}).items() if k in ("force", "vram", "ram", "n_cpu_moe")}
+    plan_engine(path, ctx, sequences=parallel, **wanted)  # --parallel KV caches that do not fit: an error now
     try:  # a port in use is a clean error too
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -59,9 +63,10 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
         from localmix.frontends.load import open_engine
         from localmix.frontends.server.scheduler import Scheduler
 
-        engine = open_engine(path, ctx=ctx, **(load_options or {}))
+        engine = open_engine(path, ctx=ctx, sequences=parallel, **(load_options or {}))
         state.engine = engine
-        state.scheduler = Scheduler(engine.llm, parallel=parallel, n_ctx=engine.n_ctx, queue_size=queue, chunk=chunk)
+        state.scheduler = Scheduler(engine.llm, parallel=parallel, n_ctx=engine.n_ctx, queue_size=queue, chunk=chunk,
+                                    release_engine_context=True)
         logging.getLogger("localmix.server").info("model loaded: %s, %d slot(s) of %d tokens", path.name, parallel,
                                                   engine.n_ctx)
 

@@ -13,6 +13,15 @@ A slot keeps the tokens of its last request in its part of the KV cache; a new r
 the free slot sharing the longest prefix with it (chat clients resend the conversation), and
 only the rest is evaluated. Requests beyond the slots wait in a bounded queue; `submit` on a
 full queue raises `Busy`. Nothing here knows of HTTP.
+
+Several choices of one prompt (OpenAI's `n`) are one group, `submit(job, *forks)`, admitted
+when it has a slot each: the first job's slot evaluates the prompt; the forks' slots wait, and
+when the prompt's logits come out its KV cache is copied to them (`llama_memory_seq_cp`, a copy
+of the sequence's own buffer) and each fork samples that same row with its own sampler.
+With `Job.logprobs` set, each generated token is announced by a `Scored` event before its
+`Piece`: its log-probability and the `logprobs` most likely tokens', a log-softmax of the raw
+logits over the whole vocabulary (before bias, penalties, grammar and truncation, as OpenAI
+reports them).
 """
 
 from __future__ import annotations
@@ -41,6 +50,15 @@ class Busy(Exception):
 
 
 @dataclass
+class Scored:
+    """A generated token's log-probability and the `top` most likely tokens' (id, log-probability),
+    most likely first; emitted just before the token's `Piece`."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Job:
     """One generation: prompt tokens, sampling, and where its events go.
 
@@ -54,6 +72,8 @@ class Job:
     grammar: str | None = None                     # GBNF, root rule "root"
     logit_bias: dict[int, float] = field(default_factory=dict)
     strip_space: bool = True                       # drop the reply's SentencePiece word-start (chat)
+    logprobs: int | None = None                    # emit Scored events with this many alternatives
+    shown: frozenset[int] = frozenset()            # control tokens whose text the reply shows ([TOOL_CALLS])
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_step: int | None = None                 # the scheduler's step when cancel() was called
     submitted: float = field(default_factory=time.perf_counter)
@@ -77,6 +97,8 @@ class _Slot:
     token: int | None = None                           # the sampled token reply_events takes next
     generated: int = 0
     t_first: float | None = None
+    leader: _Slot | None = None                        # a fork: the slot whose prompt it waits for
+    forks: list[_Slot] = field(default_factory=list)   # a leader: the forks waiting for its prompt
 
 
 @dataclass
@@ -95,9 +117,11 @@ class Metrics:
 
 class Scheduler:
     def __init__(self, llm, parallel: int = 1, n_ctx: int = 2048, queue_size: int = 16, chunk: int = 128,
-                 n_threads: int | None = None):
+                 n_threads: int | None = None, release_engine_context: bool = False):
         """`llm` is a loaded llama_cpp.Llama; its model (weights) is shared, a context of our own
-        holds `parallel` sequences of `n_ctx` tokens each."""
+        holds `parallel` sequences of `n_ctx` tokens each. `release_engine_context` frees the
+        Llama's own context (its KV cache) once ours exists, so the memory holds one, not two:
+        for a server, whose engine then only tokenizes; `llm` can no longer generate."""
         self.llm, self.parallel, self.n_ctx, self.chunk, self.queue_size = llm, parallel, n_ctx, chunk, queue_size
         # The Llama's own context is not used here, but until it has decoded once its CPU
         # thread pool keeps polling for work and starves ours (measured: 40 s instead of 0.06 s
@@ -118,12 +142,14 @@ class Scheduler:
         if not self.ctx:
             raise MemoryError("llama.cpp could not make a context for the server's sequences")
         self.mem = L.llama_get_memory(self.ctx)
+        if release_engine_context:
+            llm._ctx.close()  # llama_free of the engine's context; closing it again (at exit) does nothing
         self.n_batch = params.n_batch
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._ids = np.arange(self.n_vocab, dtype=np.int32)
         self._cur = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)
         self.slots = [_Slot(i) for i in range(parallel)]
-        self.waiting: collections.deque[Job] = collections.deque()
+        self.waiting: collections.deque[tuple[Job, ...]] = collections.deque()  # groups: a job and its forks
         self.metrics = Metrics()
         self.step = 0
         self._wake = threading.Condition()
@@ -133,13 +159,18 @@ class Scheduler:
 
     # ---- called from other threads ----
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, *forks: Job) -> None:
+        """Queue `job`; `forks` are more choices of the same prompt, which share its evaluation."""
+        if len(forks) >= self.parallel:
+            raise ValueError(f"{1 + len(forks)} choices need as many slots, and the server has {self.parallel}")
+        if any(f.tokens != job.tokens for f in forks):
+            raise ValueError("the forks of a job must have its prompt")
         with self._wake:
             if len(self.waiting) >= self.queue_size:
                 self.metrics.busy_rejections += 1
                 raise Busy()
-            self.waiting.append(job)
-            self.metrics.requests += 1
+            self.waiting.append((job, *forks))
+            self.metrics.requests += 1 + len(forks)
             self._wake.notify()
 
     def cancel(self, job: Job) -> None:
@@ -159,7 +190,7 @@ class Scheduler:
         """Cancel what runs and waits, stop the thread, free llama.cpp's context."""
         with self._wake:
             self._stop = True
-            for job in list(self.waiting) + [s.job for s in self.slots if s.job]:
+            for job in [j for group in self.waiting for j in group] + [s.job for s in self.slots if s.job]:
                 job.cancel(self.step)
             self._wake.notify()
         self._thread.join(timeout)
@@ -176,7 +207,7 @@ class Scheduler:
                 while not self._stop and not self.waiting and all(s.job is None for s in self.slots):
                     self._wake.wait()
                 if self._stop and all(s.job is None for s in self.slots):
-                    for job in self.waiting:
+                    for job in (j for group in self.waiting for j in group):
                         job.emit(Done("cancelled", len(job.tokens), 0, 0, 0.0, 0.0))
                     self.waiting.clear()
                     return
@@ -191,33 +222,53 @@ class Scheduler:
                         self._free(s, forget=True)
 
     def _admit(self) -> None:
-        """Move waiting jobs into free slots, each to the slot whose cache shares most of its prompt."""
+        """Move waiting groups into free slots, first come first served: a group's first job to
+        the slot whose cache shares most of its prompt, its forks to other free slots."""
         while self.waiting:
             free = [s for s in self.slots if s.job is None]
-            if not free:
+            group = self.waiting[0]
+            live = [j for j in group if not j.cancelled.is_set()]
+            if len(free) < len(live):
                 return
-            job = self.waiting.popleft()
-            if job.cancelled.is_set():
-                job.emit(Done("cancelled", len(job.tokens), 0, 0, 0.0, 0.0))
-                self.metrics.cancelled += 1
+            self.waiting.popleft()
+            for job in group:
+                if job.cancelled.is_set():
+                    job.emit(Done("cancelled", len(job.tokens), 0, 0, 0.0, 0.0))
+                    self.metrics.cancelled += 1
+            if not live:
                 continue
-            slot = max(free, key=lambda s: common_prefix(s.cached, job.tokens))
-            keep = min(common_prefix(slot.cached, job.tokens), len(job.tokens) - 1)  # evaluate >= 1 token for logits
-            L.llama_memory_seq_rm(self.mem, slot.seq, keep, -1)
-            slot.cached, slot.n_kv = job.tokens[:keep], keep
-            slot.todo = job.tokens[keep:]
-            slot.job, slot.generated, slot.token, slot.t_first = job, 0, None, None
+            samplers = []
             try:
-                slot.sampler, slot.grammar = self._sampler(job), self._grammar(job)
+                for job in live:
+                    samplers.append((self._sampler(job), None))
+                    samplers[-1] = (samplers[-1][0], self._grammar(job))
             except ValueError as e:
-                job.emit(e)
-                slot.job = None
+                for smpl in samplers:
+                    L.llama_sampler_free(smpl[0])
+                for job in live:
+                    job.emit(e)
                 continue
-            slot.events = reply_events(self._tokens(slot), self.words.piece, self.words.eog, len(job.tokens),
-                                       len(job.tokens) - keep, self.n_ctx, job.sampling, job.cancelled,
-                                       job.strip_space)
-            self.metrics.prompt_tokens += len(slot.todo)
-            self.metrics.cached_tokens += keep
+            lead = max(free, key=lambda s: common_prefix(s.cached, live[0].tokens))
+            self._start(lead, live[0], samplers[0], None)
+            for slot, job, smpl in zip([s for s in free if s is not lead], live[1:], samplers[1:]):
+                self._start(slot, job, smpl, lead)
+
+    def _start(self, slot: _Slot, job: Job, samplers: tuple, leader: _Slot | None) -> None:
+        if leader is None:
+            keep = min(common_prefix(slot.cached, job.tokens), len(job.tokens) - 1)  # evaluate >= 1 token for logits
+            slot.cached, slot.n_kv, slot.todo = job.tokens[:keep], keep, job.tokens[keep:]
+        else:  # its cache is dropped now and becomes a copy of the leader's when its prompt is done
+            keep = len(job.tokens)
+            slot.cached, slot.n_kv, slot.todo, slot.leader = [], 0, [], leader
+            leader.forks.append(slot)
+        L.llama_memory_seq_rm(self.mem, slot.seq, slot.n_kv, -1)
+        slot.job, slot.generated, slot.token, slot.t_first = job, 0, None, None
+        slot.sampler, slot.grammar = samplers
+        piece = self.words.piece if not job.shown else lambda t: self.words.piece(t, t in job.shown)
+        slot.events = reply_events(self._tokens(slot), piece, self.words.eog, len(job.tokens),
+                                   len(job.tokens) - keep, self.n_ctx, job.sampling, job.cancelled, job.strip_space)
+        self.metrics.prompt_tokens += len(job.tokens) - keep
+        self.metrics.cached_tokens += keep
 
     def _tokens(self, slot: _Slot):
         """The token stream reply_events reads: the slot's freshly sampled token."""
@@ -292,13 +343,15 @@ class Scheduler:
                 self._finish(s, self._next_event(s))
         b, n, rows, budget, served = self.batch, 0, [], self.n_batch, 0
         for s in self.slots:
-            if s.job is None or budget == 0:
+            if s.job is None or budget == 0 or s.leader is not None:
                 continue
             if s.todo:  # the next chunk of its prompt
                 take, s.todo = s.todo[: min(self.chunk, budget)], s.todo[min(self.chunk, budget):]
                 s.cached.extend(take)
             else:       # its last sampled token
                 take = s.cached[s.n_kv:]
+            if not take:  # a fork whose leader left this step: it is cancelled
+                continue
             for i, tok in enumerate(take):
                 b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = tok, s.n_kv + i, 1, 0
                 b.seq_id[n][0] = s.seq
@@ -319,6 +372,12 @@ class Scheduler:
         self.metrics.decode_seconds += time.perf_counter() - t0
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
+        for s, row in list(rows):
+            for f in s.forks:  # the prompt is in: copy its cache to the forks, which sample the same row
+                L.llama_memory_seq_cp(self.mem, s.seq, f.seq, -1, -1)
+                f.cached, f.n_kv, f.leader = list(s.cached), s.n_kv, None
+                rows.append((f, row))
+            s.forks = []
         for s, row in rows:
             token = self._sample(s, row)
             if s.t_first is None:
@@ -329,11 +388,24 @@ class Scheduler:
                 s.generated += 1
                 s.cached.append(token)
                 self.metrics.generated_tokens += 1
+                if s.job.logprobs is not None:
+                    s.job.emit(self._scored(row, token, s.job.logprobs))
                 s.job.emit(event)
                 if self._wants_done(s):
                     self._finish(s, self._next_event(s))
             else:
                 self._finish(s, event)
+
+    def _scored(self, row: int, token: int, top: int) -> Scored:
+        """The log-softmax of the row's raw logits: the token's value and the `top` largest."""
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
+        x = logits.astype(np.float64)
+        m = x.max()
+        lse = m + np.log(np.exp(x - m).sum())
+        top = min(top, self.n_vocab)
+        best = np.argpartition(-x, top - 1)[:top] if top else np.zeros(0, dtype=np.int64)
+        best = best[np.lexsort((best, -x[best]))]  # most likely first, ties by id
+        return Scored(token, float(x[token] - lse), [(int(t), float(x[t] - lse)) for t in best])
 
     def _wants_done(self, s: _Slot) -> bool:
         """reply_events' own end conditions, checked before it would ask for another token."""
@@ -366,6 +438,12 @@ class Scheduler:
         for smpl in (s.sampler, s.grammar):
             if smpl is not None:
                 L.llama_sampler_free(smpl)
+        if s.leader is not None:  # a fork that leaves before the prompt was in
+            s.leader.forks.remove(s)
+        for f in s.forks:         # a leader that leaves before its prompt was in: its forks cannot go on
+            f.job.cancel(self.step)
+            f.leader = None
+        s.leader, s.forks = None, []
         s.cached = [] if forget else s.cached[: s.n_kv]
         s.n_kv = len(s.cached)
         L.llama_memory_seq_rm(self.mem, s.seq, s.n_kv, -1)

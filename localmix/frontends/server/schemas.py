@@ -15,7 +15,7 @@ ACCEPTED = frozenset({"user", "metadata", "store", "service_tier", "parallel_too
                       "safety_identifier"})
 # OpenAI parameters localmix does not implement: a 400 naming the parameter.
 UNSUPPORTED = frozenset({"audio", "modalities", "prediction", "web_search_options", "functions", "function_call",
-                         "reasoning_effort", "verbosity", "logprobs", "top_logprobs", "echo", "best_of", "suffix",
+                         "reasoning_effort", "verbosity", "echo", "best_of", "suffix",
                          # Mistral's
                          "min_tokens", "prompt_mode", "prompt_logprobs", "top_prompt_logprobs"})
 
@@ -112,7 +112,7 @@ class Common(_Strict):
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     logit_bias: Optional[dict[str, float]] = None
-    n: int = Field(1, ge=1, le=1)  # several choices are not implemented: n > 1 is a 400
+    n: int = Field(1, ge=1, le=128)  # choices of one prompt; at most --parallel (a 400 names n)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     # Mistral's names
@@ -128,7 +128,16 @@ class ChatRequest(Common):
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list[Tool]] = None
     tool_choice: Union[Literal["auto", "none", "required", "any"], NamedToolChoice, None] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(Common):
     prompt: Union[str, list[str]]
+    logprobs: Optional[int] = Field(None, ge=0, le=5)  # the legacy shape: how many alternatives
+
+
+class FIMRequest(Common):
+    """Mistral's fill-in-the-middle (`client.fim.complete`): the code before and after the gap."""
+    prompt: str
+    suffix: Optional[str] = None

@@ -9,26 +9,26 @@ constrains sampling, and how the reply's text turns back into a message.
   arguments by the function's JSON schema), with `auto` a reply of that form is read as a call.
   Calls get 9-character ids, as Mistral's API gives them. Tool results and earlier calls are put
   back into the conversation as text, so v1 templates (user/assistant only) still render it.
+- `tools` (or tool messages) on a model WITH Mistral's tool tokens (v2/v3 tokenizers: Mixtral
+  8x22B): the native format (runtime/tools.py renders the prompt as mistral-common does,
+  toolcalls.py reads `[TOOL_CALLS] [...]` back); `required`/`any`/a named function force a call
+  by a grammar that starts with the `[TOOL_CALLS]` token, `none` bans that token.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-import string
 from dataclasses import dataclass, field
 
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from localmix.frontends.server.common import ApiError
+from localmix.frontends.server import toolcalls
+from localmix.frontends.server.common import ApiError, State, chat_prompt, check_context
+from localmix.frontends.server.toolcalls import call_id
+from localmix.runtime.tools import ToolTokens, tool_prompt, tool_tokens
 
-ID_CHARS = string.ascii_letters + string.digits
 TOOL_PROMPT = ("You can call these tools (JSON schema of each):\n{tools}\n\nTo call a tool, reply with only a JSON "
                'object of the form {{"name": "<tool name>", "arguments": {{...}}}} and nothing else.')
-
-
-def call_id() -> str:
-    return "".join(secrets.choice(ID_CHARS) for _ in range(9))
 
 
 def schema_grammar(schema: dict, param: str) -> str:
@@ -44,11 +44,36 @@ class Plan:
     grammar: str | None = None
     tools: dict[str, dict] = field(default_factory=dict)   # name -> parameters schema
     forced: bool = False                                   # a tool call is required
+    native: ToolTokens | None = None                       # Mistral's tool tokens: the native format
+    tool_defs: list[dict] = field(default_factory=list)    # the request's tools (OpenAI's shape), native
+    bias: dict[int, float] = field(default_factory=dict)   # logit bias the plan needs (tool_choice none)
 
-    def parse_call(self, text: str) -> dict | None:
-        """A tool call in OpenAI's shape, when the reply is one."""
+    @property
+    def shown(self) -> frozenset[int]:
+        """Control tokens the reply's text must show (the parser looks for "[TOOL_CALLS]")."""
+        return frozenset({self.native.calls}) if self.native is not None else frozenset()
+
+    def prompt(self, state: State) -> list[int]:
+        if self.native is None:
+            return chat_prompt(state, self.messages)
+        try:
+            tokens = tool_prompt(state.engine.vocab, self.native, self.messages, self.tool_defs)
+        except (KeyError, TypeError) as e:
+            raise ApiError(400, f"messages: a tool call or result is missing a field ({e})", param="messages") from None
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        return check_context(state, tokens)
+
+    def parse_calls(self, text: str) -> list[dict] | None:
+        """The tool calls in OpenAI's shape, when the reply is a call."""
         if not self.tools:
             return None
+        if self.native is not None:
+            return toolcalls.parse(text, self.tools)
+        call = self._parse_generic(text)
+        return [call] if call is not None else None
+
+    def _parse_generic(self, text: str) -> dict | None:
         body = text.strip().removeprefix("[TOOL_CALLS]").strip()
         try:
             obj = json.loads(body)
@@ -62,12 +87,14 @@ class Plan:
                 "function": {"name": obj["name"], "arguments": json.dumps(obj.get("arguments", {}), ensure_ascii=False)}}
 
     def reply(self, text: str) -> dict:
-        call = self.parse_call(text)
-        if call is not None:
-            return {"role": "assistant", "content": None, "tool_calls": [call]}
+        calls = self.parse_calls(text)
+        if calls is not None:
+            return {"role": "assistant", "content": None, "tool_calls": calls}
         return {"role": "assistant", "content": text}
 
-    def stream_parser(self) -> StreamParser:
+    def stream_parser(self):
+        if self.native is not None and self.tools:
+            return toolcalls.NativeStream(self.tools)
         return StreamParser(self)
 
 
@@ -98,7 +125,7 @@ class StreamParser:
     def close(self) -> list[dict]:
         if not self.held:
             return []
-        call = self.plan.parse_call(self.held)
+        call = self.plan._parse_generic(self.held)
         if call is None:
             return [{"content": self.held}]
         self.called = True
@@ -108,6 +135,10 @@ class StreamParser:
 def plan(state, body, messages: list[dict]) -> Plan:
     """What a chat request asks for beyond plain text: `body` has `response_format`, `tools`,
     `tool_choice` (OpenAI's models in schemas.py, or ollama's mapped onto them)."""
+    marks = tool_tokens(state.engine.vocab)
+    if marks is not None and (getattr(body, "tools", None) or any(m["role"] == "tool" or m.get("tool_calls")
+                                                                  for m in messages)):
+        return _native(marks, body, messages)
     messages = _as_text(messages)
     fmt = getattr(body, "response_format", None)
     tools = getattr(body, "tools", None) or []
@@ -139,6 +170,38 @@ def plan(state, body, messages: list[dict]) -> Plan:
                   "required": ["name", "arguments"]} for n in names]
         grammar = schema_grammar(calls[0] if len(calls) == 1 else {"anyOf": calls}, "tools")
     return Plan(messages, grammar, specs, forced)
+
+
+def _native(marks: ToolTokens, body, messages: list[dict]) -> Plan:
+    """Mistral's own format: the prompt keeps the calls and results as its control tokens."""
+    fmt, tools, choice = getattr(body, "response_format", None), getattr(body, "tools", None) or [], \
+        getattr(body, "tool_choice", None)
+    if fmt is not None and fmt.type != "text":
+        if tools and choice != "none":
+            raise ApiError(400, "give either response_format or tools, not both", param="response_format")
+        grammar = JSON_GBNF if fmt.type == "json_object" else None
+        if fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise ApiError(400, "response_format: json_schema needs a 'json_schema' object",
+                               param="response_format")
+            grammar = schema_grammar(fmt.json_schema.schema_, "response_format")
+    else:
+        grammar = None
+    if not tools and choice not in (None, "none", "auto"):
+        raise ApiError(400, "tool_choice is set but no tools are given", param="tool_choice")
+    specs = {t.function.name: t.function.parameters or {"type": "object", "properties": {}} for t in tools}
+    named = getattr(getattr(choice, "function", None), "name", None)
+    if named is not None and named not in specs:
+        raise ApiError(400, f"tool_choice names {named!r}, which is not among the tools", param="tool_choice")
+    defs = [t.model_dump(exclude_none=True) for t in tools]
+    forced = bool(tools) and (choice in ("required", "any") or named is not None)
+    if forced:
+        calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": specs[n]},
+                  "required": ["name", "arguments"]} for n in ([named] if named else list(specs))]
+        listed = {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+        grammar = toolcalls.grammar(marks.calls, schema_grammar(listed, "tools"))
+    bias = {marks.calls: float("-inf")} if choice == "none" or not tools else {}
+    return Plan(messages, grammar, specs if choice != "none" else {}, forced, marks, defs, bias)
 
 
 def _with_system(messages: list[dict], text: str) -> list[dict]:
