@@ -18,8 +18,8 @@ from localmix.kernels import QType, common
 
 TYPES = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
          QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
-         QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S]
-IQUANTS = {QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S}
+         QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_S]
+IQUANTS = {QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_S}
 # 768: an odd number of super-blocks after a full pair, and of legacy blocks past a full group of 16
 # (the fast kernels search 16 sub-blocks at once: two Q4_K/Q5_K super-blocks, 16 legacy blocks)
 ROWS_PER_FAMILY = {256: 32, 512: 16, 768: 8, 4096: 2, 14336: 1}
@@ -108,11 +108,12 @@ def test_reference_matches_fast(qtype, imatrix):
 def test_quantize_runs_the_fast_kernels():
     """Every K-quant and legacy type with a scale search goes through the batched kernels; the
     i-quants (and Q8_0) run their ports compiled; the plain ports are the reference."""
-    from localmix.kernels import fast, iquants, kquants, legacy
+    from localmix.kernels import fast, iq2, iquants, kquants, legacy
     for qtype in TYPES:
         row, driver = kernels.KERNELS[qtype]
-        assert row.py_func.__module__ in (kquants.__name__, legacy.__name__, iquants.__name__)
-        expected = {QType.Q8_0: legacy.__name__, **dict.fromkeys(IQUANTS, iquants.__name__)}.get(qtype, fast.__name__)
+        assert row.py_func.__module__ in (kquants.__name__, legacy.__name__, iquants.__name__, iq2.__name__)
+        expected = {QType.Q8_0: legacy.__name__, **dict.fromkeys(IQUANTS, iquants.__name__),
+                    QType.IQ2_S: iq2.__name__}.get(qtype, fast.__name__)
         assert driver.py_func.__module__ == expected, qtype.name
     assert set(fast.DRIVERS) == set(TYPES) - {QType.Q8_0} - IQUANTS
 
@@ -120,7 +121,7 @@ def test_quantize_runs_the_fast_kernels():
 MAX_ERROR = {  # relative RMS error on Gaussian rows; the measured values are about 2/3 of these
     QType.Q2_K: 0.40, QType.Q3_K: 0.22, QType.Q4_K: 0.11, QType.Q5_K: 0.055, QType.Q6_K: 0.03,
     QType.Q4_0: 0.13, QType.Q4_1: 0.12, QType.Q5_0: 0.065, QType.Q5_1: 0.06, QType.Q8_0: 0.01,
-    QType.IQ4_NL: 0.12, QType.IQ4_XS: 0.12, QType.IQ3_XXS: 0.32, QType.IQ3_S: 0.25,
+    QType.IQ4_NL: 0.12, QType.IQ4_XS: 0.12, QType.IQ3_XXS: 0.32, QType.IQ3_S: 0.25, QType.IQ2_S: 0.40,
 }
 
 
