@@ -211,3 +211,22 @@ def test_fp16_conversion():
     plain = kernels._plain()[common.__name__]["fp32_to_fp16"]  # the plain-Python reading agrees
     with np.errstate(all="ignore"):
         assert [plain(v) for v in x[-3000:]] == ours[-3000:].tolist()
+
+
+def test_grid_tables_are_kept_as_built(tmp_path, monkeypatch):
+    """The IQ grids' tables that runs keep in the cache folder equal the ones built afresh; a
+    damaged kept file is built again and replaced."""
+    import numba
+
+    from localmix.kernels import iqgrid
+
+    for kept, built in ((iqgrid.iq2s_tables(), iqgrid._build_iq2s()), (iqgrid.iq3_tables(256), iqgrid._build_iq3(256)),
+                        (iqgrid.iq3_tables(512), iqgrid._build_iq3(512))):
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(kept, built, strict=True))
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path))
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "iq3-256.npz").write_bytes(b"not a zip")
+    again = iqgrid._kept("iq3-256", lambda: iqgrid._build_iq3(256))
+    assert all(np.array_equal(a, b) for a, b in zip(again, iqgrid.iq3_tables(256), strict=True))
+    with np.load(tmp_path / "tables" / "iq3-256.npz") as z:
+        assert np.array_equal(z["a2"], again[2])

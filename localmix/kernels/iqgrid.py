@@ -18,12 +18,22 @@ per coordinate, the first in the low bits), which are exactly the packed iq2s_gr
 carries (gguf.quants.IQ2_S.grid_hex). `iq2s_tables()` returns (grid int8 (1024, 8), kmap int32
 (43692,), neighbours uint16) as above, each off-grid code listing the grid points at the one
 smallest distance (ggml's nwant = 1 for IQ2_S), by index.
+
+Building the tables takes a good part of a second (the IQ2_S distances are 43 million pairs),
+and every `localmix` command imports the kernels: so each is built once and kept as an .npz in
+numba's cache folder, which kernels/__init__.py names by a digest of the kernels' sources (an
+edit here builds them again), written to a temporary name and renamed.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from functools import cache
+from pathlib import Path
+from typing import Callable
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType, quants
 
@@ -90,10 +100,37 @@ def _points(codes: np.ndarray) -> np.ndarray:
     return (2 * ((codes[:, None] >> (3 * np.arange(4))) & 7) + 1).astype(np.int64)
 
 
+def _kept(name: str, build: Callable[[], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """build()'s arrays, read from numba's cache folder when an earlier run kept them there."""
+    folder = Path(numba.config.CACHE_DIR) / "tables" if numba.config.CACHE_DIR else None
+    path = folder / f"{name}.npz" if folder else None
+    if path is not None and path.is_file():
+        try:
+            with np.load(path) as z:
+                return tuple(z[f"a{i}"] for i in range(len(z.files)))
+        except (OSError, ValueError, KeyError):  # a damaged file: build again
+            pass
+    arrays = build()
+    if path is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".npz", dir=folder)
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **{f"a{i}": a for i, a in enumerate(arrays)})
+            os.replace(tmp, path)
+        except OSError:  # a read-only cache: build every time
+            pass
+    return arrays
+
+
 @cache
 def iq3_tables(grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(grid, kmap, neighbours) for the 256- or 512-point grid."""
     assert grid_size in (256, 512)
+    return _kept(f"iq3-{grid_size}", lambda: _build_iq3(grid_size))
+
+
+def _build_iq3(grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     codes = KGRID_256 if grid_size == 256 else KGRID_512
     nwant = 2 if grid_size == 256 else 3
     grid = _points(codes)
@@ -118,6 +155,10 @@ def iq3_tables(grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @cache
 def iq2s_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(grid, kmap, neighbours) for IQ2_S's 1024-point grid."""
+    return _kept("iq2s", _build_iq2s)
+
+
+def _build_iq2s() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     codes = np.frombuffer(bytes.fromhex(quants.IQ2_S.grid_hex.decode()), dtype="<u2").astype(np.int64)
     assert codes.size == 1024
 
