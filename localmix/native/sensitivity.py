@@ -41,7 +41,11 @@ from localmix.native.stats import _Collector
 from localmix.native.weights import Tensor, Weights, load_weights, release
 from localmix.runtime.vocab import open_vocab
 
-SAMPLE_ROWS = 1024   # rows per expert whose rounding error is computed for each candidate type
+# weights per tensor (all its experts together) whose rounding error is computed for each
+# candidate type: the slow i-quant kernels (about 1 M weights/s) on the 14 candidates make this
+# most of the pass at full width, where a stack of 8 experts of 14336 x 4096 held 1024 rows each
+# (34 M weights a type) before; 1 M is every row of the tiny models' experts and SmolLM2's
+SAMPLE_WEIGHTS = 1 << 20
 FLOAT_COPY_LIMIT = 256 << 20   # a swapped tensor is held as float32 rounded weights up to this size
 
 
@@ -139,7 +143,8 @@ def quantized(w: Weights, t: Tensor, qtype: QType, importance: np.ndarray | None
 
 def weighted_errors(w: Weights, t: Tensor, types: list[QType], cal: Calibration,
                     importance: np.ndarray | None = None) -> list[float]:
-    """Each type's activation-weighted squared rounding error of `t`, over a sample of rows."""
+    """Each type's activation-weighted squared rounding error of `t`, over a sample of rows
+    (evenly spaced, about SAMPLE_WEIGHTS weights in all)."""
     sums, counts = cal.activations.sums.get(t.name), cal.activations.counts.get(t.name)
     errors = np.zeros(len(types))
     for e in _experts(t):
@@ -149,7 +154,8 @@ def weighted_errors(w: Weights, t: Tensor, types: list[QType], cal: Calibration,
         else:  # a lookup (token_embd) or an expert no calibration token reached
             scale, share = np.ones(t.shape[-1]), 1.0 / len(_experts(t))
         full = _float_rows(t, e)
-        rows = np.ascontiguousarray(full[:: max(1, len(full) // SAMPLE_ROWS)])
+        n_rows = max(1, SAMPLE_WEIGHTS // (len(_experts(t)) * t.shape[-1]))  # this expert's share
+        rows = np.ascontiguousarray(full[:: max(1, len(full) // n_rows)])  # a copy: the view's pages go back
         release(w, t.data if e is None else t.data[e])
         for i, qtype in enumerate(types):
             back = kernels.dequantize(kernels.quantize(rows, qtype, None if importance is None else importance[k]),
