@@ -10,7 +10,9 @@ uses) is quantized in three processes, one after the other, each measured alone
 The sensitivity pass is what 3 costs beyond 1 and 2; it is printed as a multiple of the plain
 conversion's time (the goal: at most 3x), and 3's peak resident memory (the goal: under 2 GiB).
 
-    OPENBLAS_NUM_THREADS=1 nice -n 10 python benchmarks/bench_fit_width.py [--dir DIR] [--type Q3_K_M]
+    OPENBLAS_NUM_THREADS=1 nice -n 10 python benchmarks/bench_fit_width.py [--dir DIR] [--src CHECKPOINT] [--type Q3_K_M]
+
+(--src: a checkpoint bench_convert.py built elsewhere, only read; the files are written in --dir.)
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ CALIBRATION = Path("/usr/share/common-licenses/GPL-3")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "localmix-bench")
+    ap.add_argument("--src", type=Path, help="the one-layer checkpoint, if built elsewhere")
     ap.add_argument("--type", default="Q3_K_M")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
-    src = args.dir / "mixtral-8x7b-widths-1-layer"
+    src = args.src or args.dir / "mixtral-8x7b-widths-1-layer"
     if not (src / "config.json").exists():
         t = time.perf_counter()
         make_tiny_checkpoint(src, **WIDTHS)
