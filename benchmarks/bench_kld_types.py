@@ -9,7 +9,7 @@ without one and a comparison is fair only if all types get it; `--no-imatrix` le
 (IQ3_XXS then skipped). Prints a table (size, bits per weight, PPL, mean KLD with its error,
 same top p) and whether the mean KLDs fall in the expected order, saying where they do not.
 
-    python benchmarks/bench_kld_types.py [--ctx 256] [--types Q2_K,IQ3_XXS,...] [--no-imatrix]
+    python benchmarks/bench_kld_types.py [--ctx 256] [--types Q2_K,IQ3_XXS,...] [--no-imatrix] [--held-out GPL-2]
 """
 
 from __future__ import annotations
@@ -39,13 +39,15 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--types", default=",".join(ORDER))
     ap.add_argument("--no-imatrix", action="store_true")
+    ap.add_argument("--held-out", default=",".join(HELD_OUT), help="texts of /usr/share/common-licenses to score")
     args = ap.parse_args()
+    held_out = args.held_out.split(",")
     args.dir.mkdir(parents=True, exist_ok=True)
     f32 = make_smollm2_f32(args.dir / "smollm2-F32.gguf")
-    ref = args.dir / f"smollm2-heldout-{args.ctx}.kld"
+    ref = args.dir / f"smollm2-heldout-{'+'.join(held_out)}-{args.ctx}.kld"
     if not ref.exists():
         scorer = LlamaScorer(f32, args.ctx)
-        save_reference(scorer, "\n\n".join((LICENSES / n).read_text() for n in HELD_OUT), args.ctx, ref)
+        save_reference(scorer, "\n\n".join((LICENSES / n).read_text() for n in held_out), args.ctx, ref)
         scorer.close()
     imatrix = None if args.no_imatrix else args.dir / f"smollm2-{CALIBRATION}-{args.ctx}.imatrix.gguf"
     if imatrix and not imatrix.exists():
@@ -64,7 +66,7 @@ def main() -> None:
         s = evaluate(scorer, ref)
         scorer.close()
         rows.append((t, path.stat().st_size, s))
-    print(f"importance matrix: {imatrix or 'none'}")
+    print(f"importance matrix: {imatrix or 'none'}; held-out text: {', '.join(held_out)}")
     print(f"{'type':8} {'size MiB':>9} {'bpw':>6} {'PPL':>9} {'mean KLD':>18} {'same top':>9}")
     for t, size, s in rows:
         print(f"{t:8} {size / 2**20:9.2f} {8 * size / n_params:6.2f} {s.ppl:9.3f} "
