@@ -21,7 +21,8 @@ The pass reads the whole float file more than once; each part's pages are handed
 kernel as soon as it is done with (weights.release), so a file larger than memory should hold
 (a full-width Mixtral layer is 6.8 GB of F32) is read through the page cache instead of
 accumulating in the process's resident set. The reference pass runs layer by layer over all
-windows for that reason.
+windows for that reason, and the forwards see each stacked expert tensor through
+`_OneExpertAtATime` (a full-width Mixtral layer's experts are 5.6 GB of F32).
 """
 
 from __future__ import annotations
@@ -72,9 +73,39 @@ def _run_from(w: Weights, start: int, x: np.ndarray, cache: KVCache) -> np.ndarr
     return linear(rms_norm(x, w.output_norm, w.hp.norm_eps), w.output)
 
 
+class _OneExpertAtATime:
+    """A stacked expert tensor's mapped data as the forward sees it: it only slices experts out
+    (data[e], native/model.py's `linear`), and each new slice gives the previous expert's pages
+    back first, so one expert of the stack is resident at a time (235 MB in F32 at Mixtral's widths)."""
+
+    def __init__(self, w: Weights, array: np.ndarray):
+        self.w, self.array, self._last = w, array, None
+
+    def __getitem__(self, e):
+        if self._last is not None:
+            release(self.w, self._last)
+        self._last = self.array[e]
+        return self._last
+
+
+EXPERT_STACKS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+
+
+def _paged(w: Weights) -> Weights:
+    """The weights with every stacked expert tensor seen through `_OneExpertAtATime`."""
+    layers = [replace(layer, **{k: replace(getattr(layer, k), data=_OneExpertAtATime(w, getattr(layer, k).data))
+                                for k in EXPERT_STACKS if getattr(layer, k) is not None}) for layer in w.layers]
+    return replace(w, layers=layers)
+
+
+def _mapped(data) -> np.ndarray:
+    return data.array if isinstance(data, _OneExpertAtATime) else data
+
+
 def _layer_views(w: Weights, start: int = 0) -> list[np.ndarray]:
     """The mapped data of layers start.. and of the output head: what a forward from `start` reads."""
-    return [t.data for layer in w.layers[start:] for t in vars(layer).values() if t is not None] + [w.output.data]
+    return [_mapped(t.data) for layer in w.layers[start:] for t in vars(layer).values() if t is not None] + \
+        [w.output.data]
 
 
 def calibrate(w: Weights, windows: list[list[int]]) -> Calibration:
@@ -89,7 +120,7 @@ def calibrate(w: Weights, windows: list[list[int]]) -> Calibration:
         for i in range(len(windows)):
             residuals[i].append(xs[i])
             xs[i] = block(xs[i], layer, il, caches[i], 0, w.hp, collector)
-        release(w, *(t.data for t in vars(layer).values() if t is not None))
+        release(w, *(_mapped(t.data) for t in vars(layer).values() if t is not None))
     log_probs = []
     for i, x in enumerate(xs):
         residuals[i].append(x)
@@ -191,8 +222,9 @@ def sensitivity_curves(path: str | Path, text: str, n_ctx: int = 128, n_windows:
     if len(tokens) < n_ctx:
         raise InputError(f"the calibration text has {len(tokens)} tokens, fewer than one window of {n_ctx}")
     windows = [tokens[i * n_ctx:(i + 1) * n_ctx] for i in range(min(n_windows, len(tokens) // n_ctx))]
+    by_name = {t.name: t for t in w.tensors()}  # the mapped tensors themselves, for quantizing
+    w = _paged(w)  # what the forwards run on
     cal = calibrate(w, windows)
-    by_name = {t.name: t for t in w.tensors()}
     names = [n for n, _ in fit_tensors([(t.name, t.shape) for t in by_name.values()])]
     curves = []
     for i, name in enumerate(names):

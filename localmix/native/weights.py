@@ -111,7 +111,7 @@ def release(w: Weights, *views: np.ndarray) -> None:
     lo_map, hi_map = byte_bounds(np.asarray(w.reader.data))
     page = mmap.PAGESIZE
     for v in views:
-        if v is None or not v.size:
+        if not isinstance(v, np.ndarray) or not v.size:
             continue
         lo, hi = byte_bounds(v)
         if not (lo_map <= lo and hi <= hi_map):
