@@ -26,7 +26,7 @@ from localmix.kernels.matmul import matmul, matmul_ref
 
 SHAPES = {"w1/w3": (14336, 4096), "w2": (4096, 14336), "attn_q": (4096, 4096)}
 OUTPUT = ("output", (32000, 4096), QType.Q6_K)
-TYPES = ["Q4_K", "Q3_K", "Q6_K", "Q8_0", "Q5_0", "Q2_K", "IQ4_XS", "IQ4_NL", "IQ3_S", "IQ3_XXS"]
+TYPES = ["Q4_K", "Q3_K", "Q6_K", "Q8_0", "Q5_0", "Q2_K", "IQ4_XS", "IQ4_NL", "IQ3_S", "IQ3_XXS", "IQ2_S"]
 POOL_BYTES = 1 << 30  # weight copies cycled through per shape, to read from memory, not cache
 
 

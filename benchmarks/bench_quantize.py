@@ -34,7 +34,7 @@ from localmix.fixtures.tiny import make_tiny_checkpoint
 from localmix.kernels import QType
 
 KERNEL_TYPES = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q4_0, QType.Q5_0, QType.Q8_0,
-                QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S]
+                QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_S]
 
 
 def file_benchmark(f32: Path, types: list[str], threads: int, work: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -104,3 +105,29 @@ def test_fit_errors_are_one_line(case, tiny_mixtral, tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("localmix: error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out.gguf").exists()
+
+
+def _rss_file() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_DONTNEED) is Linux's")
+def test_the_sensitivity_pass_gives_back_the_pages_it_read(converted):
+    """What keeps --fit's resident set small on a file larger than memory should hold: release()
+    takes a mapped tensor's pages out of the process's resident set, the view then reads the same
+    values (from the page cache), and an array that is not a view of the mapping is left alone."""
+    from localmix.native.weights import load_weights, release
+
+    w = load_weights(converted("mixtral", "F32"))
+    t = w.token_embd.data  # 32000 x 256 float32: 31 MiB of the mapping
+    before = _rss_file()
+    total = float(t.sum(dtype=np.float64))
+    touched = _rss_file()
+    assert touched - before > 24 << 20
+    release(w, t)
+    assert _rss_file() < touched - (24 << 20)
+    assert float(t.sum(dtype=np.float64)) == total
+    copy = np.array(t[:1000])
+    release(w, copy)
+    assert np.array_equal(copy, t[:1000]) and copy.any()

@@ -18,8 +18,8 @@ from localmix.kernels import QType, common
 
 TYPES = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
          QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
-         QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S]
-IQUANTS = {QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S}
+         QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_S]
+IQUANTS = {QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_S}
 # 768: an odd number of super-blocks after a full pair, and of legacy blocks past a full group of 16
 # (the fast kernels search 16 sub-blocks at once: two Q4_K/Q5_K super-blocks, 16 legacy blocks)
 ROWS_PER_FAMILY = {256: 32, 512: 16, 768: 8, 4096: 2, 14336: 1}
@@ -108,11 +108,12 @@ def test_reference_matches_fast(qtype, imatrix):
 def test_quantize_runs_the_fast_kernels():
     """Every K-quant and legacy type with a scale search goes through the batched kernels; the
     i-quants (and Q8_0) run their ports compiled; the plain ports are the reference."""
-    from localmix.kernels import fast, iquants, kquants, legacy
+    from localmix.kernels import fast, iq2, iquants, kquants, legacy
     for qtype in TYPES:
         row, driver = kernels.KERNELS[qtype]
-        assert row.py_func.__module__ in (kquants.__name__, legacy.__name__, iquants.__name__)
-        expected = {QType.Q8_0: legacy.__name__, **dict.fromkeys(IQUANTS, iquants.__name__)}.get(qtype, fast.__name__)
+        assert row.py_func.__module__ in (kquants.__name__, legacy.__name__, iquants.__name__, iq2.__name__)
+        expected = {QType.Q8_0: legacy.__name__, **dict.fromkeys(IQUANTS, iquants.__name__),
+                    QType.IQ2_S: iq2.__name__}.get(qtype, fast.__name__)
         assert driver.py_func.__module__ == expected, qtype.name
     assert set(fast.DRIVERS) == set(TYPES) - {QType.Q8_0} - IQUANTS
 
@@ -120,7 +121,7 @@ def test_quantize_runs_the_fast_kernels():
 MAX_ERROR = {  # relative RMS error on Gaussian rows; the measured values are about 2/3 of these
     QType.Q2_K: 0.40, QType.Q3_K: 0.22, QType.Q4_K: 0.11, QType.Q5_K: 0.055, QType.Q6_K: 0.03,
     QType.Q4_0: 0.13, QType.Q4_1: 0.12, QType.Q5_0: 0.065, QType.Q5_1: 0.06, QType.Q8_0: 0.01,
-    QType.IQ4_NL: 0.12, QType.IQ4_XS: 0.12, QType.IQ3_XXS: 0.32, QType.IQ3_S: 0.25,
+    QType.IQ4_NL: 0.12, QType.IQ4_XS: 0.12, QType.IQ3_XXS: 0.32, QType.IQ3_S: 0.25, QType.IQ2_S: 0.40,
 }
 
 
@@ -210,3 +211,22 @@ def test_fp16_conversion():
     plain = kernels._plain()[common.__name__]["fp32_to_fp16"]  # the plain-Python reading agrees
     with np.errstate(all="ignore"):
         assert [plain(v) for v in x[-3000:]] == ours[-3000:].tolist()
+
+
+def test_grid_tables_are_kept_as_built(tmp_path, monkeypatch):
+    """The IQ grids' tables that runs keep in the cache folder equal the ones built afresh; a
+    damaged kept file is built again and replaced."""
+    import numba
+
+    from localmix.kernels import iqgrid
+
+    for kept, built in ((iqgrid.iq2s_tables(), iqgrid._build_iq2s()), (iqgrid.iq3_tables(256), iqgrid._build_iq3(256)),
+                        (iqgrid.iq3_tables(512), iqgrid._build_iq3(512))):
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(kept, built, strict=True))
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path))
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "iq3-256.npz").write_bytes(b"not a zip")
+    again = iqgrid._kept("iq3-256", lambda: iqgrid._build_iq3(256))
+    assert all(np.array_equal(a, b) for a, b in zip(again, iqgrid.iq3_tables(256), strict=True))
+    with np.load(tmp_path / "tables" / "iq3-256.npz") as z:
+        assert np.array_equal(z["a2"], again[2])

@@ -20,12 +20,12 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 
 from localmix import kernels
-from localmix.kernels import QType, dot, dot_ref, iquants, kquants, legacy
+from localmix.kernels import QType, dot, dot_ref, iq2, iquants, kquants, legacy
 from localmix.kernels.matmul import PREFILL_BLAS_T, matmul, matmul_ref
 
 QUANTIZED = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
              QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
-             QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S]
+             QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_S]
 CASES = [(t, k) for t in QUANTIZED for k in (256, 4096)] + [(QType.Q4_K, 14336)]
 FLOAT_SLACK = 1e-5
 # activation rows: decode (1), prefill through the integer kernels (3, 17), and from
@@ -154,6 +154,7 @@ GGML_BLOCKS = {
     QType.IQ4_XS: (256, [("d", 0), ("scales_h", 2), ("scales_l", 4), ("qs", 8), ("", 136)]),
     QType.IQ3_XXS: (256, [("d", 0), ("qs", 2), ("", 98)]),  # qs[3*QK_K/8]: grid indices, then scales and signs
     QType.IQ3_S: (256, [("d", 0), ("qs", 2), ("qh", 66), ("signs", 74), ("scales", 106), ("", 110)]),
+    QType.IQ2_S: (256, [("d", 0), ("qs", 2), ("qh", 66), ("scales", 74), ("", 82)]),  # qs[QK_K/4]: indices, then signs
 }
 # localmix's own layout constants (kernels/legacy.py, kquants.py, iquants.py), in the same order
 OUR_LAYOUTS = {
@@ -172,6 +173,7 @@ OUR_LAYOUTS = {
     QType.IQ3_XXS: (iquants.IQ3_XXS_D, iquants.IQ3_XXS_QS, iquants.IQ3_XXS_BYTES),
     QType.IQ3_S: (iquants.IQ3_S_D, iquants.IQ3_S_QS, iquants.IQ3_S_QH, iquants.IQ3_S_SIGNS, iquants.IQ3_S_SC,
                   iquants.IQ3_S_BYTES),
+    QType.IQ2_S: (iq2.IQ2_S_D, iq2.IQ2_S_QS, iq2.IQ2_S_QH, iq2.IQ2_S_SC, iq2.IQ2_S_BYTES),
 }
 
 

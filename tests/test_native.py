@@ -30,13 +30,14 @@ PROMPT = "[INST] Erkläre mir bitte, wie ein Mischmodell aus Experten funktionie
 # tiny model's random weights magnify that (a 1-ulp change to one norm weight moves llama.cpp's
 # own Q8_0 logits by up to 0.24). Measured: F32 1.9e-5, F16 0.013, BF16 0.085, Q8_0 0.062
 # (mean 2.7e-4), Q6_K 0.20, Q4_K_M 0.18, Q3_K_M 0.22, Q2_K 0.23 (means <= 0.021); the
-# i-quants, with the K-quants' bounds: IQ4_XS 5.7e-6, IQ4_NL 0.19, IQ3_S 0.21, IQ3_M 0.26, IQ3_XS 0.20
-# (means <= 0.011); the bounds leave room for another CPU's SIMD paths.
+# i-quants, with the K-quants' bounds: IQ4_XS 5.7e-6, IQ4_NL 0.19, IQ3_S 0.21, IQ3_M 0.26, IQ3_XS 0.20,
+# IQ3_XXS (attn_q IQ2_S, the experts IQ3_XXS) 5.7e-6 (means <= 0.011); the bounds leave room for
+# another CPU's SIMD paths.
 TOLERANCE = {  # type: (max, mean)
     "F32": (1e-4, 1e-5), "F16": (5e-2, 5e-3), "BF16": (0.3, 0.03), "Q8_0": (0.3, 3e-3),
     "Q6_K": (0.6, 0.01), "Q4_K_M": (0.6, 0.05), "Q3_K_M": (0.8, 0.04), "Q2_K": (0.8, 0.06),
     "IQ4_XS": (0.6, 0.05), "IQ4_NL": (0.6, 0.05), "IQ3_S": (0.8, 0.04), "IQ3_M": (0.8, 0.04),
-    "IQ3_XS": (0.8, 0.04),
+    "IQ3_XS": (0.8, 0.04), "IQ3_XXS": (0.8, 0.04),
 }
 CASES = [("mixtral", t) for t in TOLERANCE] + [("mistral", "F32"), ("mistral", "Q4_K_M")]
 
@@ -58,16 +59,17 @@ def ids(converted):
 
 
 @pytest.fixture(scope="module")
-def iq3_xs(tiny_mixtral, tmp_path_factory):
-    """The tiny Mixtral as IQ3_XS (IQ3_XXS in attn_q and in the middle layers' ffn_gate and
-    ffn_up), which needs an importance matrix: a random one."""
+def with_imatrix(tiny_mixtral, tmp_path_factory):
+    """with_imatrix(file_type) -> the tiny Mixtral in a mix that needs an importance matrix
+    (a random one): IQ3_XS (IQ3_XXS in attn_q and in the middle layers' ffn_gate and ffn_up),
+    IQ3_XXS (the experts IQ3_XXS, attn_q IQ2_S, token_embd IQ3_S)."""
     from gguf import GGUFReader
 
     from localmix.convert.imatrix import save_imatrix
     from localmix.convert.mix import allows_quantization
     from localmix.convert.pipeline import convert
 
-    base = tmp_path_factory.mktemp("iq3xs")
+    base = tmp_path_factory.mktemp("imatrix-mixes")
     f32 = convert(tiny_mixtral, base / "F32.gguf", "F32").path
     rng = np.random.default_rng(5)
     sums, counts = {}, {}
@@ -78,12 +80,22 @@ def iq3_xs(tiny_mixtral, tmp_path_factory):
             counts[t.name] = rng.integers(1, 500, n_expert).astype(np.float32)
             sums[t.name] = (rng.gamma(1.0, 1.0, (n_expert, shape[-1])) * counts[t.name][:, None]).astype(np.float32)
     save_imatrix(base / "imatrix.gguf", sums, counts, datasets=["random"], chunk_count=10, chunk_size=512)
-    return convert(tiny_mixtral, base / "IQ3_XS.gguf", "IQ3_XS", imatrix=base / "imatrix.gguf").path
+
+    def get(file_type):
+        path = base / f"{file_type}.gguf"
+        if not path.exists():
+            convert(tiny_mixtral, path, file_type, imatrix=base / "imatrix.gguf")
+        return path
+
+    return get
+
+
+IMATRIX_MIXES = ("IQ3_XS", "IQ3_XXS")
 
 
 @pytest.mark.parametrize("model,file_type", CASES)
 def test_logits_match_llama_cpp(model, file_type, converted, ids, request):
-    path = request.getfixturevalue("iq3_xs") if file_type == "IQ3_XS" else converted(model, file_type)
+    path = request.getfixturevalue("with_imatrix")(file_type) if file_type in IMATRIX_MIXES else converted(model, file_type)
     want, got = llama_logits(load_llama(path, n_ctx=256), ids), native_logits(path, ids)
     diff = np.abs(got - want)
     top1 = (got.argmax(-1) == want.argmax(-1)).mean()

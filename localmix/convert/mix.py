@@ -51,7 +51,8 @@ CONVERTER_TYPES = ("F32", "F16", "BF16", "Q8_0")
 # A K-quant or i-quant whose 256-wide block does not fit a row falls back to a 32-wide type.
 FALLBACK = {QType.Q2_K: QType.Q4_0, QType.Q3_K: QType.Q4_0, QType.Q4_K: QType.Q5_0,
             QType.Q5_K: QType.Q5_1, QType.Q6_K: QType.Q8_0,
-            QType.IQ3_XXS: QType.IQ4_NL, QType.IQ3_S: QType.IQ4_NL, QType.IQ4_XS: QType.IQ4_NL}
+            QType.IQ3_XXS: QType.IQ4_NL, QType.IQ3_S: QType.IQ4_NL, QType.IQ4_XS: QType.IQ4_NL,
+            QType.IQ2_S: QType.IQ4_NL}
 # Types llama.cpp will not write without an importance matrix ("the result will be garbage").
 NEEDS_IMATRIX = frozenset({QType.IQ3_XXS, QType.IQ2_S, QType.IQ2_XS, QType.IQ2_XXS, QType.IQ1_S, QType.IQ1_M})
 

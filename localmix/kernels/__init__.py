@@ -9,6 +9,7 @@ write the bytes `ggml_quantize_chunk` writes, with or without an importance matr
   legacy.py   Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
   kquants.py  Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
   iquants.py  IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S (their grids: iqgrid.py)
+  iq2.py      IQ2_S (its grid: iqgrid.py)
   batched.py  the scale searches run on 16 sub-blocks at once (SIMD lanes), bit for bit the same
   fast.py     the quantizers around the batched searches: what `quantize` runs
 `quantize` runs the fast kernels compiled by numba, in parallel over rows (for the i-quants and
@@ -44,12 +45,12 @@ def _cache_dir() -> str:
 if not os.environ.get("NUMBA_CACHE_DIR"):  # the user's own choice wins
     numba.config.CACHE_DIR = _cache_dir()
 
-from . import common, fast, iquants, kquants, legacy
+from . import common, fast, iq2, iquants, kquants, legacy
 
 QType = GGMLQuantizationType
 
 # type: (plain row kernel, the reference; parallel driver over rows of the fast kernel, what `quantize` runs)
-KERNELS = {t: (row, fast.DRIVERS.get(t, rows)) for t, (row, rows) in {**legacy.KERNELS, **kquants.KERNELS, **iquants.KERNELS}.items()}
+KERNELS = {t: (row, fast.DRIVERS.get(t, rows)) for t, (row, rows) in {**legacy.KERNELS, **kquants.KERNELS, **iquants.KERNELS, **iq2.KERNELS}.items()}
 FLOATS = frozenset({QType.F32, QType.F16, QType.BF16})
 QUANTIZABLE: frozenset[QType] = FLOATS | frozenset(KERNELS)
 
@@ -124,4 +125,4 @@ def _prepare(x: np.ndarray, qtype: QType, imatrix: np.ndarray | None):
 
 @cache
 def _plain() -> dict[str, dict]:
-    return common.plain(common, legacy, kquants, iquants)
+    return common.plain(common, legacy, kquants, iquants, iq2)

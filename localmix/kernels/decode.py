@@ -1,4 +1,4 @@
-"""The decode products: one activation row (T = 1) times a quantized tensor, from its bytes.
+"""The decode products: one activation row (T = 1) times a K-quant or legacy tensor, from its bytes.
 
 The same integers as dot.py's kernels (the activations quantized to Q8_K or Q8_0 by
 `dot.quantize_activations`, the same block decomposition, so `dot_ref.matmul` is the plain
@@ -15,7 +15,8 @@ explicit truncation every step is what lets LLVM keep the lanes 16 and 32 bits w
 
 Rows are shared among the threads in chunks (prange). `matvec(kind, w, xq, xd, xs, out)`:
 w the tensor's blocks (N, blocks per row, block bytes), xq/xd/xs one row's activation quants,
-out float32 (N,).
+out float32 (N,). The i-quants' bodies and drivers are decode_iq.py's, built on `ahead` (the
+prefetch) and `f16` from here.
 """
 
 from __future__ import annotations
@@ -28,16 +29,10 @@ from numba.extending import intrinsic
 
 from .dot import (
     FP16,
-    GRID_S,
-    GRID_XXS,
     I32,
     I64,
-    IQ3_S,
-    IQ3_XXS,
-    IQ4_NL,
-    IQ4_XS,
-    KSIGNS,
-    KV,
+    KQUANTS,
+    LEGACY,
     Q2_K,
     Q3_K,
     Q4_0,
@@ -49,27 +44,9 @@ from .dot import (
     Q8_0,
     QK,
     ROWS_PER_TASK,
-    SMALL,
-    SUPER,
     F,
     inline,
     parallel,
-)
-from .iquants import (
-    IQ3_S_D,
-    IQ3_S_QH,
-    IQ3_S_QS,
-    IQ3_S_SC,
-    IQ3_S_SIGNS,
-    IQ3_XXS_D,
-    IQ3_XXS_QS,
-    IQ3_XXS_SS,
-    IQ4_NL_D,
-    IQ4_NL_QS,
-    IQ4_XS_D,
-    IQ4_XS_QS,
-    IQ4_XS_SH,
-    IQ4_XS_SL,
 )
 from .kquants import (
     Q2_D,
@@ -111,7 +88,7 @@ from .legacy import (
     Q8_0_QS,
 )
 
-TYPES = SUPER | SMALL
+TYPES = frozenset(KQUANTS | LEGACY)  # the i-quants' decode products are decode_iq.py's
 AHEAD = 2048  # bytes: how far ahead of the block being read the next are asked for
 # the intrinsic's name mangles its pointer type: opaque `ptr` from LLVM 15, `i8*` before (numba 0.60)
 _PREFETCH = "llvm.prefetch.p0" if binding.llvm_version_info >= (15,) else "llvm.prefetch.p0i8"
@@ -134,7 +111,7 @@ def _prefetch(typingctx, arr, offset):
 
 
 @inline
-def _ahead(w, r, b, nb):
+def ahead(w, r, b, nb):
     """Prefetch the bytes AHEAD past block b of row r. The hardware prefetcher stops at each
     4 KiB page of the mapping; asking ahead took Q4_K from 8.7 to 13.5 GB/s from memory, about
     what a plain sum of the bytes reaches on this machine."""
@@ -145,7 +122,8 @@ def _ahead(w, r, b, nb):
 
 
 @inline
-def _f16(w, r, b, at):
+def f16(w, r, b, at):
+    """The half float at byte `at` of block b of row r, through ggml's table."""
     return FP16[I64(w[r, b, at]) | (I64(w[r, b, at + 1]) << 8)]
 
 
@@ -184,8 +162,8 @@ def _q4_K(w, r, b, xq, xd, xs, five):
         sumi = I32(sumi + lo * s_lo + hi * s_hi)
         summ = I32(summ + m_lo * (xs[s] + xs[s + 1]) + m_hi * (xs[s + 2] + xs[s + 3]))
     if five:
-        return xd[b] * (_f16(w, r, b, Q5_D) * F(sumi) - _f16(w, r, b, Q5_DMIN) * F(summ))
-    return xd[b] * (_f16(w, r, b, Q4_D) * F(sumi) - _f16(w, r, b, Q4_DMIN) * F(summ))
+        return xd[b] * (f16(w, r, b, Q5_D) * F(sumi) - f16(w, r, b, Q5_DMIN) * F(summ))
+    return xd[b] * (f16(w, r, b, Q4_D) * F(sumi) - f16(w, r, b, Q4_DMIN) * F(summ))
 
 
 @inline
@@ -211,7 +189,7 @@ def _q6_K(w, r, b, xq, xd, xs):
             t = b * 16 + s
             sumi = I32(sumi + s0 * (a0 - 32 * xs[t]) + s1 * (a1 - 32 * xs[t + 2])
                        + s2 * (a2 - 32 * xs[t + 4]) + s3 * (a3 - 32 * xs[t + 6]))
-    return xd[b] * _f16(w, r, b, Q6_D) * F(sumi)
+    return xd[b] * f16(w, r, b, Q6_D) * F(sumi)
 
 
 @inline
@@ -258,8 +236,8 @@ def _q2_q3_K(w, r, b, xq, xd, xs, three):
                 summ = I32(summ + I32(c0 >> 4) * xs[t] + I32(c1 >> 4) * xs[t + 2]
                            + I32(c2 >> 4) * xs[t + 4] + I32(c3 >> 4) * xs[t + 6])
     if three:
-        return xd[b] * _f16(w, r, b, Q3_D) * F(sumi)
-    return xd[b] * (_f16(w, r, b, Q2_D) * F(sumi) - _f16(w, r, b, Q2_DMIN) * F(summ))
+        return xd[b] * f16(w, r, b, Q3_D) * F(sumi)
+    return xd[b] * (f16(w, r, b, Q2_D) * F(sumi) - f16(w, r, b, Q2_DMIN) * F(summ))
 
 
 # ---------------------------------------------------------------- legacy: one 32-value block
@@ -271,7 +249,7 @@ def _q8_0(w, r, b, xq, xd, qk):
     s = I32(0)
     for l in range(qk):
         s = I32(s + I32(np.int8(w[r, b, Q8_0_QS + l])) * I32(xq[b * QK + l]))
-    return xd[b] * _f16(w, r, b, Q8_0_D) * F(s)
+    return xd[b] * f16(w, r, b, Q8_0_D) * F(s)
 
 
 @inline
@@ -286,8 +264,8 @@ def _legacy(kind, w, r, b, xq, xd, xs):
             v = w[r, b, at + l]
             s = I32(s + I32(v & 15) * I32(xq[x0 + l]) + I32(v >> 4) * I32(xq[x0 + 16 + l]))
         if kind == Q4_0:
-            return xd[b] * _f16(w, r, b, Q4_0_D) * F(s - 8 * xs[b])
-        return xd[b] * (_f16(w, r, b, Q4_1_D) * F(s) + _f16(w, r, b, Q4_1_M) * F(xs[b]))
+            return xd[b] * f16(w, r, b, Q4_0_D) * F(s - 8 * xs[b])
+        return xd[b] * (f16(w, r, b, Q4_1_D) * F(s) + f16(w, r, b, Q4_1_M) * F(xs[b]))
     at, hat = (Q5_0_QS, Q5_0_QH) if kind == Q5_0 else (Q5_1_QS, Q5_1_QH)
     for l in range(16):  # the fifth bit of element i is bit i of qh
         v = w[r, b, at + l]
@@ -295,76 +273,8 @@ def _legacy(kind, w, r, b, xq, xd, xs):
         h1 = (w[r, b, hat + 2 + l // 8] >> (l % 8)) & 1
         s = I32(s + I32((v & 15) | (h0 << 4)) * I32(xq[x0 + l]) + I32((v >> 4) | (h1 << 4)) * I32(xq[x0 + 16 + l]))
     if kind == Q5_0:
-        return xd[b] * _f16(w, r, b, Q5_0_D) * F(s - 16 * xs[b])
-    return xd[b] * (_f16(w, r, b, Q5_1_D) * F(s) + _f16(w, r, b, Q5_1_M) * F(xs[b]))
-
-
-# ---------------------------------------------------------------- i-quants: levels through a table
-
-@inline
-def _iq4_nl(w, r, b, xq, xd):
-    """d * sum KV[u] xq over the 32 nibbles u (low nibbles elements 0-15, high 16-31)."""
-    x0 = b * QK
-    s = I32(0)
-    for l in range(16):
-        v = w[r, b, IQ4_NL_QS + l]
-        s = I32(s + I32(KV[v & 15]) * I32(xq[x0 + l]) + I32(KV[v >> 4]) * I32(xq[x0 + 16 + l]))
-    return xd[b] * _f16(w, r, b, IQ4_NL_D) * F(s)
-
-
-@inline
-def _iq4_xs(w, r, b, xq, xd):
-    """Sub-block ib of 32: KV levels as IQ4_NL's, times its 6-bit scale minus 32."""
-    h = I32(w[r, b, IQ4_XS_SH]) | (I32(w[r, b, IQ4_XS_SH + 1]) << 8)
-    sumi = I32(0)
-    for ib in range(8):
-        ls = ((I32(w[r, b, IQ4_XS_SL + ib // 2]) >> (4 * (ib % 2))) & 15) | (((h >> (2 * ib)) & 3) << 4)
-        x0 = b * 256 + 32 * ib
-        s = I32(0)
-        for j in range(16):
-            v = w[r, b, IQ4_XS_QS + 16 * ib + j]
-            s = I32(s + I32(KV[v & 15]) * I32(xq[x0 + j]) + I32(KV[v >> 4]) * I32(xq[x0 + 16 + j]))
-        sumi = I32(sumi + (ls - 32) * s)
-    return xd[b] * _f16(w, r, b, IQ4_XS_D) * F(sumi)
-
-
-@inline
-def _iq3_xxs(w, r, b, xq, xd):
-    """Sub-block ib: eight grid points, their signs from 4 x 7 bits, the scale 2l + 1 (d / 4)."""
-    sumi = I32(0)
-    for ib in range(8):
-        at = IQ3_XXS_SS + 4 * ib
-        aux = I64(w[r, b, at]) | (I64(w[r, b, at + 1]) << 8) | (I64(w[r, b, at + 2]) << 16) | (I64(w[r, b, at + 3]) << 24)
-        s = I32(0)
-        for l in range(4):
-            signs = KSIGNS[(aux >> (7 * l)) & 127]
-            for h in range(2):
-                g = w[r, b, IQ3_XXS_QS + 8 * ib + 2 * l + h]
-                x0 = b * 256 + 32 * ib + 8 * l + 4 * h
-                for j in range(4):
-                    p = I32(GRID_XXS[g, j]) * I32(xq[x0 + j])
-                    s = I32(s - p) if (signs >> (4 * h + j)) & 1 else I32(s + p)
-        sumi = I32(sumi + I32(2 * (aux >> 28) + 1) * s)
-    return xd[b] * (_f16(w, r, b, IQ3_XXS_D) * F(0.25)) * F(sumi)
-
-
-@inline
-def _iq3_s(w, r, b, xq, xd):
-    """Sub-block ib: eight 9-bit grid points (qs and bit k of qh[ib]), 32 sign bits, scale 2l + 1."""
-    sumi = I32(0)
-    for ib in range(8):
-        qh = I64(w[r, b, IQ3_S_QH + ib])
-        s = I32(0)
-        for k in range(8):
-            g = I64(w[r, b, IQ3_S_QS + 8 * ib + k]) | (((qh >> k) & 1) << 8)
-            sg = w[r, b, IQ3_S_SIGNS + 4 * ib + k // 2] >> (4 * (k % 2))
-            x0 = b * 256 + 32 * ib + 4 * k
-            for j in range(4):
-                p = I32(GRID_S[g, j]) * I32(xq[x0 + j])
-                s = I32(s - p) if (sg >> j) & 1 else I32(s + p)
-        sc = 2 * ((I32(w[r, b, IQ3_S_SC + ib // 2]) >> (4 * (ib % 2))) & 15) + 1
-        sumi = I32(sumi + sc * s)
-    return xd[b] * _f16(w, r, b, IQ3_S_D) * F(sumi)
+        return xd[b] * f16(w, r, b, Q5_0_D) * F(s - 16 * xs[b])
+    return xd[b] * (f16(w, r, b, Q5_1_D) * F(s) + f16(w, r, b, Q5_1_M) * F(xs[b]))
 
 
 # One compiled driver per type (the rarer legacy types share one), each reading the tensor's
@@ -380,7 +290,7 @@ def _q4_K_rows(w, xq, xd, xs, out):
         for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
             acc = F(0.0)
             for b in range(nb):
-                _ahead(w, r, b, nb)
+                ahead(w, r, b, nb)
                 acc += _q4_K(w, r, b, xq, xd, xs, False)
             out[r] = acc
 
@@ -392,7 +302,7 @@ def _q5_K_rows(w, xq, xd, xs, out):
         for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
             acc = F(0.0)
             for b in range(nb):
-                _ahead(w, r, b, nb)
+                ahead(w, r, b, nb)
                 acc += _q4_K(w, r, b, xq, xd, xs, True)
             out[r] = acc
 
@@ -404,7 +314,7 @@ def _q6_K_rows(w, xq, xd, xs, out):
         for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
             acc = F(0.0)
             for b in range(nb):
-                _ahead(w, r, b, nb)
+                ahead(w, r, b, nb)
                 acc += _q6_K(w, r, b, xq, xd, xs)
             out[r] = acc
 
@@ -416,7 +326,7 @@ def _q3_K_rows(w, xq, xd, xs, out):
         for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
             acc = F(0.0)
             for b in range(nb):
-                _ahead(w, r, b, nb)
+                ahead(w, r, b, nb)
                 acc += _q2_q3_K(w, r, b, xq, xd, xs, True)
             out[r] = acc
 
@@ -428,7 +338,7 @@ def _q2_K_rows(w, xq, xd, xs, out):
         for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
             acc = F(0.0)
             for b in range(nb):
-                _ahead(w, r, b, nb)
+                ahead(w, r, b, nb)
                 acc += _q2_q3_K(w, r, b, xq, xd, xs, False)
             out[r] = acc
 
@@ -441,7 +351,7 @@ def _q8_0_rows(w, xq, xd, xs, out):
         for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
             acc = F(0.0)
             for b in range(nb):
-                _ahead(w, r, b, nb)
+                ahead(w, r, b, nb)
                 acc += _q8_0(w, r, b, xq, xd, qk)
             out[r] = acc
 
@@ -453,61 +363,13 @@ def _legacy_rows(kind, w, xq, xd, xs, out):
         for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
             acc = F(0.0)
             for b in range(nb):
-                _ahead(w, r, b, nb)
+                ahead(w, r, b, nb)
                 acc += _legacy(kind, w, r, b, xq, xd, xs)
             out[r] = acc
 
 
-@parallel
-def _iq4_nl_rows(w, xq, xd, xs, out):
-    n, nb = w.shape[0], w.shape[1]
-    for task in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
-            acc = F(0.0)
-            for b in range(nb):
-                _ahead(w, r, b, nb)
-                acc += _iq4_nl(w, r, b, xq, xd)
-            out[r] = acc
-
-
-@parallel
-def _iq4_xs_rows(w, xq, xd, xs, out):
-    n, nb = w.shape[0], w.shape[1]
-    for task in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
-            acc = F(0.0)
-            for b in range(nb):
-                _ahead(w, r, b, nb)
-                acc += _iq4_xs(w, r, b, xq, xd)
-            out[r] = acc
-
-
-@parallel
-def _iq3_xxs_rows(w, xq, xd, xs, out):
-    n, nb = w.shape[0], w.shape[1]
-    for task in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
-            acc = F(0.0)
-            for b in range(nb):
-                _ahead(w, r, b, nb)
-                acc += _iq3_xxs(w, r, b, xq, xd)
-            out[r] = acc
-
-
-@parallel
-def _iq3_s_rows(w, xq, xd, xs, out):
-    n, nb = w.shape[0], w.shape[1]
-    for task in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
-            acc = F(0.0)
-            for b in range(nb):
-                _ahead(w, r, b, nb)
-                acc += _iq3_s(w, r, b, xq, xd)
-            out[r] = acc
-
-
 _ROWS = {Q2_K: _q2_K_rows, Q3_K: _q3_K_rows, Q4_K: _q4_K_rows, Q5_K: _q5_K_rows, Q6_K: _q6_K_rows,
-         Q8_0: _q8_0_rows, IQ4_NL: _iq4_nl_rows, IQ4_XS: _iq4_xs_rows, IQ3_XXS: _iq3_xxs_rows, IQ3_S: _iq3_s_rows}
+         Q8_0: _q8_0_rows}
 
 
 def matvec(kind: int, w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:

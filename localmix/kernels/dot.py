@@ -15,8 +15,8 @@ One weight block at a time, each row of the tensor:
 The K-quant value of element i is d * sc * q_i - dmin * mn; Q3_K and Q6_K have no min and
 keep q signed. A legacy block is d * q_i (+ m for Q4_1/Q5_1, met by the activation block sum).
 The i-quants have no min either: q_i is read through a table (IQ4's non-linear levels, IQ3's
-grid points, signed), IQ4_NL goes with the legacy types (Q8_0 activations, as ggml's
-ggml_vec_dot_iq4_nl_q8_0), IQ4_XS, IQ3_XXS and IQ3_S with the K-quants (Q8_K).
+and IQ2_S's grid points, signed), IQ4_NL goes with the legacy types (Q8_0 activations, as ggml's
+ggml_vec_dot_iq4_nl_q8_0), IQ4_XS, IQ3_XXS, IQ3_S and IQ2_S with the K-quants (Q8_K).
 Rows are shared among the threads in chunks (prange).
 """
 
@@ -27,7 +27,8 @@ from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
 from .common import fp32_to_fp16, nearest_int
-from .iqgrid import KSIGNS, iq3_grid
+from .iq2 import IQ2_S_D, IQ2_S_QH, IQ2_S_QS, IQ2_S_SC, IQ2_S_SIGNS
+from .iqgrid import KSIGNS, iq2s_grid, iq3_grid
 from .iquants import (
     IQ3_S_D,
     IQ3_S_QH,
@@ -89,14 +90,16 @@ F, I16, I32, I64 = np.float32, np.int16, np.int32, np.int64
 QK_K, QK = 256, 32  # elements per K-quant super-block, per legacy block
 KQUANTS = {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
 LEGACY = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0}
-SUPER = KQUANTS | {T.IQ4_XS, T.IQ3_XXS, T.IQ3_S}  # 256-value blocks: Q8_K activations, kquant_matmul
+IQUANTS = {T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S, T.IQ2_S}
+SUPER = KQUANTS | {T.IQ4_XS, T.IQ3_XXS, T.IQ3_S, T.IQ2_S}  # 256-value blocks: Q8_K activations, kquant_matmul
 SMALL = LEGACY | {T.IQ4_NL}  # 32-value blocks: Q8_0 activations, legacy_matmul
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = (int(t) for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = (int(t) for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0))
-IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S = (int(t) for t in (T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S))
+IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S, IQ2_S = (int(t) for t in (T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S, T.IQ2_S))
 KV = KVALUES_IQ4NL.astype(np.int16)
 GRID_XXS = iq3_grid(T.IQ3_XXS).astype(np.int16)
 GRID_S = iq3_grid(T.IQ3_S).astype(np.int16)
+GRID_2S = iq2s_grid().astype(np.int16)
 GROUP = 8  # legacy blocks unpacked at a time
 ROWS_PER_TASK = 16  # rows of a tensor per prange task: scratch is allocated once per task
 
@@ -296,7 +299,26 @@ def _iq3_s(w, q):
 
 
 @inline
+def _iq2_s(w, q):
+    """Sub-block ib of 16: two grid points, the low bytes of their 10-bit indices at qs[2ib + k]
+    and the top 2 bits in qh, 8 sign bits each at signs[2ib + k]; the 4-bit scale l (nibbles of
+    scales): 2l + 1, with d / 8."""
+    for ib in range(16):
+        sc = I16(2 * ((I64(w[IQ2_S_SC + ib // 2]) >> (4 * (ib % 2))) & 15) + 1)
+        for k in range(2):
+            i8 = 2 * ib + k
+            g = I64(w[IQ2_S_QS + i8]) | (((I64(w[IQ2_S_QH + i8 // 4]) >> (2 * (i8 % 4))) & 3) << 8)
+            sg = w[IQ2_S_SIGNS + i8]
+            for j in range(8):
+                v = GRID_2S[g, j] * sc
+                q[16 * ib + 8 * k + j] = -v if (sg >> j) & 1 else v
+    return _f16(w, IQ2_S_D) * F(0.125), F(0.0)
+
+
+@inline
 def _unpack_k(kind, w, q, m):
+    if kind == IQ2_S:
+        return _iq2_s(w, q)
     if kind == IQ4_XS:
         return _iq4_xs(w, q)
     if kind == IQ3_XXS:
@@ -314,7 +336,7 @@ def _unpack_k(kind, w, q, m):
 
 @parallel
 def kquant_matmul(kind, w, xq, xd, xs, out):
-    """out (T, N) = the K-quant (or IQ4_XS/IQ3) rows w, as blocks (N, K // 256, block bytes),
+    """out (T, N) = the K-quant (or IQ4_XS/IQ3/IQ2_S) rows w, as blocks (N, K // 256, block bytes),
     times the Q8_K activations (xq, xd, xs)."""
     n_t, k = xq.shape
     n = w.shape[0]

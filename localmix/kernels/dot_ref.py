@@ -8,7 +8,8 @@ bytes the way ggml-quants.c's dequantize_row_* reads them (the K-quant scales th
 
 (legacy blocks are one sub-block with sc = 1; Q4_1/Q5_1's `+ m` is dmin = -m, mn = 1; the
 i-quants' q is a signed level read through a table: IQ4's non-linear levels, IQ3's grid
-points with their signs, and an IQ3 block scale 2 l + 1 comes with d / 4 (IQ3_XXS)). The
+points with their signs, and an IQ3 block scale 2 l + 1 comes with d / 4 (IQ3_XXS); IQ2_S's
+sub-blocks are 16 values, two grid points of 8, scale 2 l + 1 with d / 8). The
 activations are quantized like the fast path's (Q8_K: one float scale per 256, Q8_0: per 32)
 and each block's product is the integer dot of the quants, scaled: what
 ggml_vec_dot_q4_K_q8_K and its siblings compute, without any of their SIMD. For Q4_1/Q5_1 the
@@ -21,10 +22,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from .iqgrid import KSIGNS, iq3_grid
+from .iqgrid import KSIGNS, iq2s_grid, iq3_grid
 from .iquants import KVALUES_IQ4NL
 
-IQUANTS = {T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S}
+IQUANTS = {T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S, T.IQ2_S}
 KMASK1, KMASK2, KMASK3 = np.uint32(0x3F3F3F3F), np.uint32(0x0F0F0F0F), np.uint32(0x03030303)
 
 
@@ -98,6 +99,17 @@ def _iquant(w: np.ndarray, qtype: T):
         qs = qs.reshape(*qs.shape[:2], 8, 16)
         q = kv[np.concatenate([qs & 15, qs >> 4], axis=-1)]  # sub-block ib: low nibbles, then high
         return q, ls - 32, np.zeros_like(ls), _f16(d), 0 * _f16(d)
+    if qtype == T.IQ2_S:
+        d, qs, sg, qh, scales = _split(w, qtype, 2, 32, 32, 8, 8)
+        i8 = np.arange(32)  # group of 8: sub-block i8 // 2
+        high = (qh[..., i8 // 4].astype(np.int64) >> (2 * (i8 % 4))) & 3
+        points = iq2s_grid()[qs.astype(np.int64) | (high << 8)]  # (n, b, 32, 8)
+        bits = (sg[..., None].astype(np.int64) >> np.arange(8)) & 1
+        q = (points * (1 - 2 * bits)).reshape(*qs.shape[:2], 16, 16)
+        ib = np.arange(16)
+        sc = 2 * ((scales[..., ib // 2].astype(np.int64) >> (4 * (ib % 2))) & 15) + 1
+        d = _f16(d) * np.float32(0.125)
+        return q, sc, np.zeros_like(sc), d, 0 * d
     grid = iq3_grid(qtype)
     if qtype == T.IQ3_XXS:
         d, qs, ss = _split(w, qtype, 2, 64, 32)

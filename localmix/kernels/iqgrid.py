@@ -1,4 +1,4 @@
-"""The IQ3 grids, built as ggml builds them in iq3xs_init_impl (ggml-quants.c).
+"""The IQ3 and IQ2_S grids, built as ggml builds them in iq3xs_init_impl and iq2xs_init_impl (ggml-quants.c).
 
 An IQ3 quant is a point of a 4-dimensional grid: each coordinate is one of the odd levels
 1, 3, ..., 15 (3 bits), and of the 4096 such points only 256 (IQ3_XXS) or 512 (IQ3_S) are
@@ -11,16 +11,34 @@ in the low bits). `iq3_tables(grid_size)` returns what the quantizers search:
               distances), ordered by distance then index, as ggml's qsort orders them.
 The stored quants are read through other grids (ggml-common.h's iq3xxs_grid and iq3s_grid,
 which gguf carries): `iq3_grid(qtype)`, and KSIGNS, which expands 7 stored sign bits to 8.
+
+An IQ2_S quant is a point of an 8-dimensional grid whose coordinates are 1, 3 or 5 (the levels
+0..2 of 2 bits; 0..3 in the codes), 1024 of them allowed: ggml's kgrid_2bit_1024, 16-bit codes (2 bits
+per coordinate, the first in the low bits), which are exactly the packed iq2s_grid that gguf
+carries (gguf.quants.IQ2_S.grid_hex). `iq2s_tables()` returns (grid int8 (1024, 8), kmap int32
+(43692,), neighbours uint16) as above, each off-grid code listing the grid points at the one
+smallest distance (ggml's nwant = 1 for IQ2_S), by index.
+
+Building the tables takes a good part of a second (the IQ2_S distances are 43 million pairs),
+and every `localmix` command imports the kernels: so each is built once and kept as an .npz in
+numba's cache folder, which kernels/__init__.py names by a digest of the kernels' sources (an
+edit here builds them again), written to a temporary name and renamed.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from functools import cache
+from pathlib import Path
+from typing import Callable
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType, quants
 
 KMAP_SIZE = 4096
+KMAP_SIZE_IQ2 = 43692  # ggml's kmap_size: every code whose levels are at most 2, 0xAAAA, and two more
 
 KGRID_256 = np.array([
     0, 2, 4, 9, 11, 15, 16, 18, 25, 34, 59, 61, 65, 67, 72, 74,
@@ -82,10 +100,37 @@ def _points(codes: np.ndarray) -> np.ndarray:
     return (2 * ((codes[:, None] >> (3 * np.arange(4))) & 7) + 1).astype(np.int64)
 
 
+def _kept(name: str, build: Callable[[], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """build()'s arrays, read from numba's cache folder when an earlier run kept them there."""
+    folder = Path(numba.config.CACHE_DIR) / "tables" if numba.config.CACHE_DIR else None
+    path = folder / f"{name}.npz" if folder else None
+    if path is not None and path.is_file():
+        try:
+            with np.load(path) as z:
+                return tuple(z[f"a{i}"] for i in range(len(z.files)))
+        except (OSError, ValueError, KeyError):  # a damaged file: build again
+            pass
+    arrays = build()
+    if path is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".npz", dir=folder)
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **{f"a{i}": a for i, a in enumerate(arrays)})
+            os.replace(tmp, path)
+        except OSError:  # a read-only cache: build every time
+            pass
+    return arrays
+
+
 @cache
 def iq3_tables(grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(grid, kmap, neighbours) for the 256- or 512-point grid."""
     assert grid_size in (256, 512)
+    return _kept(f"iq3-{grid_size}", lambda: _build_iq3(grid_size))
+
+
+def _build_iq3(grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     codes = KGRID_256 if grid_size == 256 else KGRID_512
     nwant = 2 if grid_size == 256 else 3
     grid = _points(codes)
@@ -105,6 +150,45 @@ def iq3_tables(grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     is_entry[starts] = False
     neighbours[is_entry] = order[kept]  # row by row, nearest first
     return grid.astype(np.int8), kmap.astype(np.int32), neighbours.astype(np.uint16)
+
+
+@cache
+def iq2s_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(grid, kmap, neighbours) for IQ2_S's 1024-point grid."""
+    return _kept("iq2s", _build_iq2s)
+
+
+def _build_iq2s() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    codes = np.frombuffer(bytes.fromhex(quants.IQ2_S.grid_hex.decode()), dtype="<u2").astype(np.int64)
+    assert codes.size == 1024
+
+    def points(c):
+        return 2 * ((c[:, None] >> (2 * np.arange(8))) & 3) + 1
+
+    grid = points(codes)
+    kmap = np.full(KMAP_SIZE_IQ2, -1, dtype=np.int64)
+    kmap[codes] = np.arange(codes.size)
+    off = np.nonzero(kmap < 0)[0]
+    # |p - g|^2 - |p|^2 = |g|^2 - 2 p.g: small integers, exact in float32 (whose BLAS makes this fast)
+    p = points(off).astype(np.float32)
+    g = grid.astype(np.float32)
+    d2 = (g * g).sum(1)[None, :] - 2 * (p @ g.T)  # (off-grid codes, grid points)
+    kept = d2 == d2.min(axis=1, keepdims=True)  # the nearest shell, in index order (ggml's qsort)
+    counts = kept.sum(axis=1)
+    starts = np.concatenate([[0], np.cumsum(1 + counts)[:-1]])
+    kmap[off] = -(starts + 1)
+    neighbours = np.zeros(int((1 + counts).sum()), dtype=np.int64)
+    neighbours[starts] = counts
+    is_entry = np.ones(neighbours.size, dtype=bool)
+    is_entry[starts] = False
+    neighbours[is_entry] = np.nonzero(kept)[1]  # row by row, by index
+    return grid.astype(np.int8), kmap.astype(np.int32), neighbours.astype(np.uint16)
+
+
+def iq2s_grid() -> np.ndarray:
+    """IQ2_S's dequantization grid, as ggml-common.h's iq2s_grid has it (8, 25, 43): int64 (1024, 8)."""
+    quants.IQ2_S.init_grid()
+    return np.asarray(quants.IQ2_S.grid, dtype=np.float32).reshape(quants.IQ2_S.grid_shape).astype(np.int64)
 
 
 def iq3_grid(qtype: GGMLQuantizationType) -> np.ndarray:

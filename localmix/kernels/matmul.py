@@ -9,7 +9,8 @@ what gguf.GGUFReader gives: float32 (N, K), float16 (N, K), BF16 as its raw byte
 The quantized types run the integer kernels of dot.py (activations quantized to Q8_K or
 Q8_0 first, as llama.cpp does: that costs a little accuracy, see tests/test_matmul.py).
 Prefill (T > 1) unpacks each weight block once for all T rows (dot.py); decode (T = 1) meets
-each sub-block's quants with the activation straight from the bytes (decode.py). For the
+each sub-block's quants with the activation straight from the bytes (decode.py; the i-quants'
+decode_iq.py). For the
 legacy types and IQ4_NL, whose prefill kernel is still slow (see the benchmark), from PREFILL_BLAS_T
 activation rows on, dequantize + numpy BLAS on the quantized activations is faster (quantized
 all the same, so that the result does not depend on the batch size).
@@ -24,7 +25,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as QType
 
-from . import decode, dot
+from . import decode, decode_iq, dot
 
 FLOAT_TILE = 1024  # rows of a float16/BF16 tensor converted to float32 at a time
 PREFILL_BLAS_T = 24  # legacy types: T from which dequantize + BLAS wins (bench_kernels.py, 2 threads)
@@ -67,13 +68,13 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType) -> np.ndarray:
         out = matmul_ref((xq.reshape(x.shape[0], -1, dot.QK) * xd[..., None]).reshape(x.shape), w, qtype)
         return out + _q8_1_sum_rounding(x, xd, xs, w, qtype)
     w = np.ascontiguousarray(w).reshape(n, k // block, nbytes)  # the blocks; no copy for rows as stored
-    if qtype not in decode.TYPES:
+    if qtype not in decode.TYPES and qtype not in decode_iq.TYPES:
         return matmul_ref(x, w, qtype)
     kquant = qtype in dot.SUPER
     xq, xd, xs = dot.quantize_activations(x, *((dot.QK_K, 16) if kquant else (dot.QK, dot.QK)))
     out = np.empty((x.shape[0], n), dtype=np.float32)
     if x.shape[0] == 1:
-        decode.matvec(int(qtype), w, xq[0], xd[0], xs[0], out[0])
+        (decode_iq if qtype in decode_iq.TYPES else decode).matvec(int(qtype), w, xq[0], xd[0], xs[0], out[0])
     else:
         (dot.kquant_matmul if kquant else dot.legacy_matmul)(int(qtype), w, xq, xd, xs, out)
     return out + _q8_1_sum_rounding(x, xd, xs, w, qtype) if qtype in _WITH_MIN else out

@@ -16,6 +16,13 @@ the forward for every pair. The activation statistics come from the reference pa
 A swapped tensor that is small enough is held as its rounded weights in float32, so the
 forward runs on BLAS; the products' own rounding of activations to Q8 is left out of the
 measure (it does not depend on the weight's type).
+
+The pass reads the whole float file more than once; each part's pages are handed back to the
+kernel as soon as it is done with (weights.release), so a file larger than memory should hold
+(a full-width Mixtral layer is 6.8 GB of F32) is read through the page cache instead of
+accumulating in the process's resident set. The reference pass runs layer by layer over all
+windows for that reason, and the forwards see each stacked expert tensor through
+`_OneExpertAtATime` (a full-width Mixtral layer's experts are 5.6 GB of F32).
 """
 
 from __future__ import annotations
@@ -32,10 +39,14 @@ from localmix.kernels import QType
 from localmix.kernels.matmul import dequantize_rows
 from localmix.native.model import KVCache, block, linear, rms_norm
 from localmix.native.stats import _Collector
-from localmix.native.weights import Tensor, Weights, load_weights
+from localmix.native.weights import Tensor, Weights, load_weights, release
 from localmix.runtime.vocab import open_vocab
 
-SAMPLE_ROWS = 1024   # rows per expert whose rounding error is computed for each candidate type
+# weights per tensor (all its experts together) whose rounding error is computed for each
+# candidate type: the slow i-quant kernels (about 1 M weights/s) on the 14 candidates make this
+# most of the pass at full width, where a stack of 8 experts of 14336 x 4096 held 1024 rows each
+# (34 M weights a type) before; 1 M is every row of the tiny models' experts and SmolLM2's
+SAMPLE_WEIGHTS = 1 << 20
 FLOAT_COPY_LIMIT = 256 << 20   # a swapped tensor is held as float32 rounded weights up to this size
 
 
@@ -62,19 +73,59 @@ def _run_from(w: Weights, start: int, x: np.ndarray, cache: KVCache) -> np.ndarr
     return linear(rms_norm(x, w.output_norm, w.hp.norm_eps), w.output)
 
 
+class _OneExpertAtATime:
+    """A stacked expert tensor's mapped data as the forward sees it: it only slices experts out
+    (data[e], native/model.py's `linear`), and each new slice gives the previous expert's pages
+    back first, so one expert of the stack is resident at a time (235 MB in F32 at Mixtral's widths)."""
+
+    def __init__(self, w: Weights, array: np.ndarray):
+        self.w, self.array, self._last = w, array, None
+
+    def __getitem__(self, e):
+        if self._last is not None:
+            release(self.w, self._last)
+        self._last = self.array[e]
+        return self._last
+
+
+EXPERT_STACKS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+
+
+def _paged(w: Weights) -> Weights:
+    """The weights with every stacked expert tensor seen through `_OneExpertAtATime`."""
+    layers = [replace(layer, **{k: replace(getattr(layer, k), data=_OneExpertAtATime(w, getattr(layer, k).data))
+                                for k in EXPERT_STACKS if getattr(layer, k) is not None}) for layer in w.layers]
+    return replace(w, layers=layers)
+
+
+def _mapped(data) -> np.ndarray:
+    return data.array if isinstance(data, _OneExpertAtATime) else data
+
+
+def _layer_views(w: Weights, start: int = 0) -> list[np.ndarray]:
+    """The mapped data of layers start.. and of the output head: what a forward from `start` reads."""
+    return [_mapped(t.data) for layer in w.layers[start:] for t in vars(layer).values() if t is not None] + \
+        [w.output.data]
+
+
 def calibrate(w: Weights, windows: list[list[int]]) -> Calibration:
+    """The reference pass, layer by layer over all windows (each window's statistics are
+    accumulated in window order, as a window-by-window pass would), each layer's pages given
+    back once all windows are through it."""
     collector = _Collector()
-    residuals, log_probs = [], []
-    for tokens in windows:
-        cache = KVCache.empty(w.hp, len(tokens))
-        x = dequantize_rows(w.token_embd.data[np.asarray(tokens)], w.token_embd.qtype)
-        saved = []
-        for il, layer in enumerate(w.layers):
-            saved.append(x)
-            x = block(x, layer, il, cache, 0, w.hp, collector)
-        saved.append(x)
+    caches = [KVCache.empty(w.hp, len(tokens)) for tokens in windows]
+    xs = [dequantize_rows(w.token_embd.data[np.asarray(tokens)], w.token_embd.qtype) for tokens in windows]
+    residuals: list[list[np.ndarray]] = [[] for _ in windows]
+    for il, layer in enumerate(w.layers):
+        for i in range(len(windows)):
+            residuals[i].append(xs[i])
+            xs[i] = block(xs[i], layer, il, caches[i], 0, w.hp, collector)
+        release(w, *(_mapped(t.data) for t in vars(layer).values() if t is not None))
+    log_probs = []
+    for i, x in enumerate(xs):
+        residuals[i].append(x)
         log_probs.append(_log_softmax(linear(rms_norm(x, w.output_norm, w.hp.norm_eps), w.output, collector)))
-        residuals.append(saved)
+    release(w, w.token_embd.data, w.output.data)
     log_probs = [p.astype(np.float32) for p in log_probs]
     return Calibration(windows, residuals, log_probs, [np.exp(p) for p in log_probs], collector)
 
@@ -108,7 +159,7 @@ def _experts(t: Tensor) -> list[int | None]:
     return list(range(t.shape[0])) if len(t.shape) == 3 else [None]
 
 
-def quantized(t: Tensor, qtype: QType, importance: np.ndarray | None = None) -> Tensor:
+def quantized(w: Weights, t: Tensor, qtype: QType, importance: np.ndarray | None = None) -> Tensor:
     """The tensor quantized to `qtype` (expert by expert), as a Tensor the forward reads: its
     rounded weights in float32 where that copy is small (BLAS products, fast), else its bytes."""
     small = 4 * np.prod(t.shape) <= FLOAT_COPY_LIMIT
@@ -116,13 +167,15 @@ def quantized(t: Tensor, qtype: QType, importance: np.ndarray | None = None) -> 
     for e in _experts(t):
         data = kernels.quantize(_float_rows(t, e), qtype, None if importance is None else importance[e or 0])
         parts.append(kernels.dequantize(data, qtype).reshape(t.shape[-2:]) if small else data)
+        release(w, t.data if e is None else t.data[e])
     data = np.stack(parts) if len(t.shape) == 3 else parts[0]
     return Tensor(t.name, data, QType.F32 if small else qtype, t.shape)
 
 
-def weighted_errors(t: Tensor, types: list[QType], cal: Calibration,
+def weighted_errors(w: Weights, t: Tensor, types: list[QType], cal: Calibration,
                     importance: np.ndarray | None = None) -> list[float]:
-    """Each type's activation-weighted squared rounding error of `t`, over a sample of rows."""
+    """Each type's activation-weighted squared rounding error of `t`, over a sample of rows
+    (evenly spaced, about SAMPLE_WEIGHTS weights in all)."""
     sums, counts = cal.activations.sums.get(t.name), cal.activations.counts.get(t.name)
     errors = np.zeros(len(types))
     for e in _experts(t):
@@ -131,8 +184,10 @@ def weighted_errors(t: Tensor, types: list[QType], cal: Calibration,
             scale, share = sums[k] / counts[k], counts[k] / counts.sum()
         else:  # a lookup (token_embd) or an expert no calibration token reached
             scale, share = np.ones(t.shape[-1]), 1.0 / len(_experts(t))
-        rows = _float_rows(t, e)
-        rows = rows[:: max(1, len(rows) // SAMPLE_ROWS)]
+        full = _float_rows(t, e)
+        n_rows = max(1, SAMPLE_WEIGHTS // (len(_experts(t)) * t.shape[-1]))  # this expert's share
+        rows = np.ascontiguousarray(full[:: max(1, len(full) // n_rows)])  # a copy: the view's pages go back
+        release(w, t.data if e is None else t.data[e])
         for i, qtype in enumerate(types):
             back = kernels.dequantize(kernels.quantize(rows, qtype, None if importance is None else importance[k]),
                                       qtype).reshape(rows.shape)
@@ -149,6 +204,7 @@ def measure(w: Weights, cal: Calibration, name: str, t: Tensor) -> float:
         cache = KVCache.empty(w.hp, len(tokens))
         x = dequantize_rows(w2.token_embd.data[np.asarray(tokens)], w2.token_embd.qtype) if start == 0 else saved[start]
         total += _kl(ref, p, _run_from(w2, start, x, cache))
+    release(w, *_layer_views(w, min(start, w.hp.n_layer)), w.token_embd.data)
     return total / len(cal.windows)
 
 
@@ -166,8 +222,9 @@ def sensitivity_curves(path: str | Path, text: str, n_ctx: int = 128, n_windows:
     if len(tokens) < n_ctx:
         raise InputError(f"the calibration text has {len(tokens)} tokens, fewer than one window of {n_ctx}")
     windows = [tokens[i * n_ctx:(i + 1) * n_ctx] for i in range(min(n_windows, len(tokens) // n_ctx))]
+    by_name = {t.name: t for t in w.tensors()}  # the mapped tensors themselves, for quantizing
+    w = _paged(w)  # what the forwards run on
     cal = calibrate(w, windows)
-    by_name = {t.name: t for t in w.tensors()}
     names = [n for n, _ in fit_tensors([(t.name, t.shape) for t in by_name.values()])]
     curves = []
     for i, name in enumerate(names):
@@ -178,10 +235,10 @@ def sensitivity_curves(path: str | Path, text: str, n_ctx: int = 128, n_windows:
         importance = tensor_importance(imatrix, name, t.shape)
         nbytes = [kernels.tensor_nbytes(q, t.shape) for q in types]
         if measure_all:
-            loss = [measure(w, cal, name, quantized(t, q, importance)) for q in types]
+            loss = [measure(w, cal, name, quantized(w, t, q, importance)) for q in types]
         else:
-            errors = weighted_errors(t, types, cal, importance)
-            probe = measure(w, cal, name, quantized(t, types[0], importance))
+            errors = weighted_errors(w, t, types, cal, importance)
+            probe = measure(w, cal, name, quantized(w, t, types[0], importance))
             alpha = probe / errors[0] if errors[0] > 0 else 0.0
             loss = [alpha * e for e in errors]
         curves.append(Curve(name, types, nbytes, loss))

@@ -8,10 +8,15 @@ type and logical shape. What a view holds is what `kernels.matmul.matmul` takes:
     quantized    uint8 (rows, row_bytes), the blocks of each row as stored
 Stacked expert tensors `blk.N.ffn_{gate,up,down}_exps.weight` have one more leading axis,
 (E, rows, ...), so `t.data[e]` is a view of expert e and touches only its pages.
+`release(w, *views)` hands the pages a pass has read back to the kernel (they stay in the page
+cache and come back on the next touch), for passes over a file larger than memory should hold.
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +90,34 @@ class Weights:
             yield from (t for t in vars(layer).values() if t is not None)
         yield self.output_norm
         yield self.output
+
+
+try:
+    from numpy.lib.array_utils import byte_bounds
+except ImportError:  # numpy < 2
+    from numpy import byte_bounds
+
+MADV_DONTNEED = 4  # Linux's value
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def release(w: Weights, *views: np.ndarray) -> None:
+    """madvise(MADV_DONTNEED) over each view of `w`'s file mapping: the process's resident size
+    drops by those pages; the file's data stay in the page cache and a later read faults them
+    back in. A view of anything else (a tensor swapped for its quantized copy) is left alone:
+    dropping anonymous pages would zero them. Linux only; elsewhere nothing happens."""
+    if _LIBC is None or w.reader is None:
+        return
+    lo_map, hi_map = byte_bounds(np.asarray(w.reader.data))
+    page = mmap.PAGESIZE
+    for v in views:
+        if not isinstance(v, np.ndarray) or not v.size:
+            continue
+        lo, hi = byte_bounds(v)
+        if not (lo_map <= lo and hi <= hi_map):
+            continue
+        lo, hi = lo // page * page, min(-(-hi // page) * page, -(-hi_map // page) * page)
+        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(MADV_DONTNEED))
 
 
 def _view(t) -> Tensor:
