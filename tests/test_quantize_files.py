@@ -69,30 +69,38 @@ def llama_values(sums, counts):
     return values
 
 
-def tensors(path):
-    return {t.name: (t.tensor_type.name, tuple(t.shape), np.asarray(t.data).tobytes()) for t in GGUFReader(path).tensors}
+def read(path):
+    """Tensors {name: (type, shape, bytes)} and metadata {key: value}, from one reading by gguf-py's
+    stock reader (the independent one; each reading parses the 32,000-token vocabulary again)."""
+    r = GGUFReader(path)
+    return ({t.name: (t.tensor_type.name, tuple(t.shape), np.asarray(t.data).tobytes()) for t in r.tensors},
+            {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")})
 
 
-def kv(path):
-    return {k: f.contents() for k, f in GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+def assert_same_file(ours, theirs) -> set[str]:
+    """Same tensors (names, types, shapes, bytes) and metadata; returns the tensor types used."""
+    (a, a_kv), (b, b_kv) = read(ours), read(theirs)
+    assert a.keys() == b.keys()
+    for name in b:
+        assert a[name][:2] == b[name][:2], name
+        assert a[name][2] == b[name][2], f"{name} ({b[name][0]}) differs"
+    assert a_kv == b_kv  # file type, quantization version, hyper-parameters, tokenizer
+    return {t for t, _, _ in a.values()}
 
 
-@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
-@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q3_K_M", "Q3_K_S", "Q4_K_S", "Q2_K",
-                                       "IQ4_XS", "IQ4_NL", "IQ3_S", "IQ3_M"])
+# K-quant mixes with and without an importance matrix; the i-quant mixes with one, as they are
+# used (their kernels are checked without one, row family by row family, in test_kernels.py)
+MIXES = [(t, m) for t in ("Q4_K_M", "Q3_K_M", "Q3_K_S", "Q4_K_S", "Q2_K") for m in (False, True)] + \
+        [(t, True) for t in ("IQ4_XS", "IQ4_NL", "IQ3_S", "IQ3_M")]
+
+
+@pytest.mark.parametrize("file_type,with_imatrix", MIXES, ids=[f"{t}-{'imatrix' if m else 'plain'}" for t, m in MIXES])
 def test_same_file_as_llama_model_quantize(file_type, with_imatrix, deep, tmp_path):
     src, f32, imatrix, values = deep
     ours = convert(src, tmp_path / "ours.gguf", file_type, imatrix=imatrix if with_imatrix else None).path
     theirs = tmp_path / "theirs.gguf"
     llama_model_quantize(f32, theirs, file_type, values if with_imatrix else None)
-    a, b = tensors(ours), tensors(theirs)
-    assert a.keys() == b.keys()
-    for name in b:
-        assert a[name][:2] == b[name][:2], name
-        assert a[name][2] == b[name][2], f"{name} ({b[name][0]}) differs"
-    assert kv(ours) == kv(theirs)
-    types = {t for t, _, _ in a.values()}
-    assert len(types) >= 3  # a real mix, not one type everywhere
+    assert len(assert_same_file(ours, theirs)) >= 3  # a real mix, not one type everywhere
 
 
 @pytest.mark.parametrize("file_type,types", [
@@ -106,13 +114,7 @@ def test_iq3_xs_and_xxs_with_imatrix_match_llama_model_quantize(file_type, types
     ours = convert(src, tmp_path / "ours.gguf", file_type, imatrix=imatrix).path
     theirs = tmp_path / "theirs.gguf"
     llama_model_quantize(f32, theirs, file_type, values)
-    a, b = tensors(ours), tensors(theirs)
-    assert a.keys() == b.keys()
-    for name in b:
-        assert a[name][:2] == b[name][:2], name
-        assert a[name][2] == b[name][2], f"{name} ({b[name][0]}) differs"
-    assert kv(ours) == kv(theirs)
-    assert {t for t, _, _ in a.values()} >= types
+    assert assert_same_file(ours, theirs) >= types
 
 
 @pytest.mark.parametrize("file_type", ["IQ3_XS", "IQ3_XXS"])
@@ -131,8 +133,7 @@ def test_gguf_source_gives_the_same_file(deep, tmp_path):
     src, f32, _, _ = deep
     direct = convert(src, tmp_path / "direct.gguf", "Q3_K_M").path
     via = convert(f32, tmp_path / "via.gguf", "Q3_K_M").path
-    assert tensors(direct) == tensors(via)
-    assert kv(direct) == kv(via)
+    assert read(direct) == read(via)
 
 
 def test_quality_is_ordered_by_bits(converted, tiny_mixtral, tmp_path):
@@ -174,11 +175,9 @@ def test_fallbacks_and_dense_mixes_match_llama_model_quantize(model, file_type, 
     ours = convert(src, tmp_path / "ours.gguf", file_type).path
     theirs = tmp_path / "theirs.gguf"
     llama_model_quantize(f32, theirs, file_type)
-    a, b = tensors(ours), tensors(theirs)
-    assert a == b
-    assert kv(ours) == kv(theirs)  # file type, quantization version, hyper-parameters, tokenizer
+    types = assert_same_file(ours, theirs)
     if model == "odd":  # rows of 384 and 480 fit no 256-block: the 32-block fallbacks were used
-        assert {t for t, _, _ in a.values()} & {"Q4_0", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"}
+        assert types & {"Q4_0", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"}
 
 
 @pytest.mark.parametrize("file_type", ["Q3_K_M", "Q4_K_M"])
@@ -195,9 +194,4 @@ def test_requantizing_q8_0_equals_llama_model_quantize(file_type, converted, tmp
     assert len(warnings) == 1 and "requantizing loses more" in warnings[0], r.stderr
     theirs = tmp_path / "theirs.gguf"
     llama_model_quantize(src, theirs, file_type, allow_requantize=True)
-    a, b = tensors(ours), tensors(theirs)
-    assert a.keys() == b.keys()
-    for name in b:
-        assert a[name] == b[name], name
-    assert kv(ours) == kv(theirs)
-    assert {t for t, _, _ in a.values()} >= {"Q8_0", file_type[:2] + "_K"}  # attn_v stays Q8_0: copied
+    assert assert_same_file(ours, theirs) >= {"Q8_0", file_type[:2] + "_K"}  # attn_v stays Q8_0: copied
