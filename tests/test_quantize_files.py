@@ -88,10 +88,11 @@ def assert_same_file(ours, theirs) -> set[str]:
     return {t for t, _, _ in a.values()}
 
 
-# K-quant mixes with and without an importance matrix; the i-quant mixes with one, as they are
-# used (their kernels are checked without one, row family by row family, in test_kernels.py)
-MIXES = [(t, m) for t in ("Q4_K_M", "Q3_K_M", "Q3_K_S", "Q4_K_S", "Q2_K") for m in (False, True)] + \
-        [(t, True) for t in ("IQ4_XS", "IQ4_NL", "IQ3_S", "IQ3_M")]
+# Mixes with and without an importance matrix; IQ3_S and IQ3_M with one only, as they are used:
+# no rule of theirs depends on it (IQ4_XS/IQ4_NL's first ffn_down layers do) and their kernels
+# are checked without one, row family by row family, in test_kernels.py
+MIXES = [(t, m) for t in ("Q4_K_M", "Q3_K_M", "Q3_K_S", "Q4_K_S", "Q2_K", "IQ4_XS", "IQ4_NL") for m in (False, True)] + \
+        [(t, True) for t in ("IQ3_S", "IQ3_M")]
 
 
 @pytest.mark.parametrize("file_type,with_imatrix", MIXES, ids=[f"{t}-{'imatrix' if m else 'plain'}" for t, m in MIXES])
