@@ -96,6 +96,48 @@ def test_tool_call_round_trip(client):
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
 
 
+def test_the_async_client_does_the_same(client, server):
+    """openai.AsyncOpenAI: models, a chat, a streamed chat, a completion, JSON-schema output, a tool
+    round trip and a 400, the greedy texts equal to what the sync client gets."""
+    colours = [{"role": "user", "content": "Name three colours"}]
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+    async def session():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=server.key, max_retries=0,
+                                      timeout=60) as aclient:
+            name = (await aclient.models.list()).data[0].id
+            reply = await aclient.chat.completions.create(model=name, messages=colours, **GREEDY)
+            stream = await aclient.chat.completions.create(model=name, messages=colours, stream=True, **GREEDY)
+            streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            completion = await aclient.completions.create(model=name, prompt="Once upon a time", **GREEDY)
+            shaped = await aclient.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": "Is the sky blue?"}], temperature=0.7, seed=3,
+                max_tokens=64, response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}})
+            first = await aclient.chat.completions.create(model=name, messages=ask, tools=[WEATHER],
+                                                          tool_choice="required", max_tokens=64, temperature=0)
+            call = first.choices[0].message.tool_calls[0]
+            answer = await aclient.chat.completions.create(
+                model=name, tools=[WEATHER], tool_choice="none", max_tokens=16, temperature=0,
+                messages=ask + [first.choices[0].message.model_dump(exclude_none=True),
+                                {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear", "celsius": 21}'}])
+            with pytest.raises(openai.BadRequestError) as e:
+                await aclient.chat.completions.create(model=name, messages=colours, extra_body={"top_q": 1})
+            return name, reply, streamed, completion, shaped, first, answer, e.value
+
+    name, reply, streamed, completion, shaped, first, answer, error = asyncio.run(session())
+    assert name == model_name(client)
+    sync = client.chat.completions.create(model=name, messages=colours, **GREEDY).choices[0].message.content
+    assert reply.choices[0].message.content == streamed == sync and sync
+    assert completion.choices[0].text == client.completions.create(model=name, prompt="Once upon a time",
+                                                                   **GREEDY).choices[0].text
+    jsonschema.validate(json.loads(shaped.choices[0].message.content), SCHEMA)
+    call = first.choices[0].message.tool_calls[0]
+    assert first.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+    assert error.body["param"] == "top_q"
+
+
 def test_bad_parameters_are_400s_naming_them(client, server):
     messages = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.BadRequestError) as e:
