@@ -16,7 +16,8 @@ from conftest import REPO, run_localmix
 
 from localmix.errors import InputError
 from localmix.frontends.chat import ChatSession, open_block, read_message, unquote
-from localmix.frontends.commands import apply_setting, stats_line
+from localmix.frontends.commands import apply_setting
+from localmix.frontends.render import stats_line
 from localmix.runtime.stream import Done, Piece, Sampling
 
 # ---- fakes ----

@@ -10,7 +10,7 @@ import pytest
 
 from localmix.frontends.load import open_engine
 from localmix.frontends.oneshot import conversation_tokens
-from localmix.frontends.server.scheduler import Busy, Job, Scheduler
+from localmix.runtime.scheduler import Busy, Job, Scheduler
 from localmix.runtime.stream import Done, Sampling
 
 GREEDY = Sampling(temperature=0, max_tokens=12)

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 from localmix.errors import LocalmixError
-from localmix.frontends.commands import QUIT, run_command, stats_line
+from localmix.frontends.commands import QUIT, run_command
+from localmix.frontends.render import stats_line
 from localmix.runtime.stream import Done, Piece, Sampling
 
 Reply = Callable[[list[dict], Sampling, threading.Event], Iterator[Piece | Done]]

@@ -175,7 +175,9 @@ def run(
         sys.stdout.write("\n")
     sys.stdout.flush()
     if verbose:
-        err.print(_stats_line(done), style="dim")
+        from localmix.frontends.render import stats_line
+
+        err.print(stats_line(done), style="dim")
 
 
 @app.command()
@@ -449,12 +451,6 @@ def _stdout_writer():
         sys.stdout.write(piece)
         sys.stdout.flush()
     return write
-
-
-def _stats_line(done) -> str:
-    return (f"prompt {done.prompt_tokens} tokens ({done.prompt_evaluated} evaluated, {done.prompt_tps:.1f} t/s), "
-            f"reply {done.generated_tokens} tokens ({done.generate_tps:.1f} t/s), "
-            f"first token after {done.prompt_seconds:.2f} s, stopped by {done.reason}")
 
 
 def _cache_dir() -> Path:

@@ -16,21 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from localmix.errors import InputError, LocalmixError
-from localmix.runtime.stream import Done, Sampling
+from localmix.frontends.render import stats_line
+from localmix.runtime.stream import Sampling
 
 if TYPE_CHECKING:
     from localmix.frontends.chat import UI, ChatSession
-
-STOPPED = {"length": "max_tokens", "context": "context full", "cancelled": "interrupted"}
-
-
-def stats_line(done: Done) -> str:
-    new = f"{done.prompt_evaluated} new, {done.prompt_tps:.0f} t/s" if done.prompt_evaluated else "all cached"
-    line = (f"prompt {done.prompt_tokens} tokens ({new}), "
-            f"reply {done.generated_tokens} tokens ({done.generate_tps:.1f} t/s), "
-            f"first token in {done.prompt_seconds:.2f} s")
-    return line + (f", stopped: {STOPPED[done.reason]}" if done.reason in STOPPED else "")
-
 
 QUIT = object()
 

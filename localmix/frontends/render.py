@@ -1,4 +1,4 @@
-"""`localmix info` on the terminal: the summary from `gguf.info.describe` as a rich table."""
+"""What the front ends print: `localmix info`'s table, `plan`'s table, the stats line after a reply."""
 
 from __future__ import annotations
 
@@ -40,3 +40,15 @@ def render(info: dict[str, Any]):
                  f"{'text' if ct['mistral_version'] == 'v1' else 'control tokens'})" if ct.get("mistral_version") else "")
               + f", {ct['length']} characters, {'with' if ct['system_role'] else 'no'} system role")
     return t
+
+
+STOPPED = {"length": "max_tokens", "context": "context full", "cancelled": "interrupted"}
+
+
+def stats_line(done) -> str:
+    """One line after a reply (chat, `run --verbose`): token counts, speeds, time to the first token."""
+    new = f"{done.prompt_evaluated} new, {done.prompt_tps:.0f} t/s" if done.prompt_evaluated else "all cached"
+    line = (f"prompt {done.prompt_tokens} tokens ({new}), "
+            f"reply {done.generated_tokens} tokens ({done.generate_tps:.1f} t/s), "
+            f"first token in {done.prompt_seconds:.2f} s")
+    return line + (f", stopped: {STOPPED[done.reason]}" if done.reason in STOPPED else "")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from localmix.errors import InputError
-from localmix.frontends.server.scheduler import Busy, Job, Scheduler, Scored
+from localmix.runtime.scheduler import Busy, Job, Scheduler, Scored
 from localmix.runtime.prompt import chat_tokens
 from localmix.runtime.stream import Done, Piece, Sampling
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from localmix.frontends.server.scheduler import Scored
+from localmix.runtime.scheduler import Scored
 
 
 class Names:

@@ -25,7 +25,7 @@ from localmix.frontends.server.common import (
     sse,
     text_prompt,
 )
-from localmix.frontends.server.scheduler import Scored
+from localmix.runtime.scheduler import Scored
 from localmix.frontends.server.schemas import ACCEPTED, UNSUPPORTED, ChatRequest, Common, CompletionRequest
 from localmix.runtime.prompt import FIM_TOKENS
 from localmix.runtime.stream import Done, Piece

@@ -61,7 +61,7 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
 
     def load(state: State) -> None:
         from localmix.frontends.load import open_engine
-        from localmix.frontends.server.scheduler import Scheduler
+        from localmix.runtime.scheduler import Scheduler
 
         engine = open_engine(path, ctx=ctx, sequences=parallel, **(load_options or {}))
         state.engine = engine
