@@ -9,19 +9,19 @@ import dataclasses
 from pathlib import Path
 
 from localmix.errors import InputError
+from localmix.frontends.options import Load
 from localmix.gguf.check import check_gguf
 from localmix.runtime.devices import machine, parse_size
+from localmix.runtime.engine import Engine
 from localmix.runtime.llama import LlamaCppEngine
 from localmix.runtime.memory import FIT_SLACK, available_memory, check_fits, estimate_memory, largest_fitting_ctx
 from localmix.runtime.planner import file_plan
 from localmix.units import human_bytes
 
 
-def open_engine(path: str | Path, ctx: int | None = None, force: bool = False, verbose: bool = False,
-                vram: str | None = None, ram: str | None = None, n_cpu_moe: int | None = None,
-                gpu_layers: int | None = None, repack: bool | None = None, engine: str = "llama.cpp",
-                sequences: int = 1):
-    """Check the file, choose the context, plan where the tensors go, check it fits, and load it.
+def open_engine(path: str | Path, load: Load | None = None, sequences: int = 1, **fields) -> Engine:
+    """Check the file, choose the context, plan where the tensors go, check it fits, and load it
+    as `load` says (a `Load`; keywords such as `ctx=1024` change its fields).
 
     On the CPU the default context is the model's own, capped by what RAM allows (in steps of
     256) and a model that does not fit is refused with a suggestion unless `force`. With a GPU
@@ -32,17 +32,16 @@ def open_engine(path: str | Path, ctx: int | None = None, force: bool = False, v
     (None: the plan's choice). `engine="native"` runs localmix's own forward (localmix.native) on
     the CPU, its KV cache float32. `sequences`: how many KV caches of `ctx` tokens the caller
     will hold (a server's --parallel); the memory check counts them all."""
-    ctx, plan, _ = plan_engine(path, ctx, force, vram, ram, n_cpu_moe, engine, sequences)
-    if engine == "native":
+    o = dataclasses.replace(load or Load(), **fields)
+    ctx, plan, _ = plan_engine(path, o.ctx, o.force, o.vram, o.ram, o.n_cpu_moe, o.engine, sequences)
+    if o.engine == "native":
         from localmix.native.engine import NativeEngine  # numba's compiled kernels: only when asked for
 
         plan.repack = False  # the native engine reads the weights where they are mapped
-        native = NativeEngine(path, n_ctx=ctx, verbose=verbose)
-        native.plan = plan
-        return native
-    if repack is not None:
-        plan.repack = repack
-    return LlamaCppEngine(path, n_ctx=ctx, verbose=verbose, plan=plan, n_gpu_layers=gpu_layers, repack=plan.repack)
+        return NativeEngine(path, n_ctx=ctx, verbose=o.verbose, plan=plan)
+    if o.repack is not None:
+        plan.repack = o.repack
+    return LlamaCppEngine(path, n_ctx=ctx, verbose=o.verbose, plan=plan, n_gpu_layers=o.gpu_layers, repack=plan.repack)
 
 
 def plan_engine(path: str | Path, ctx: int | None = None, force: bool = False, vram: str | None = None,

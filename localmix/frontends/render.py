@@ -42,6 +42,44 @@ def render(info: dict[str, Any]):
     return t
 
 
+def plan_table(p):
+    """`localmix plan`'s table: the device and budget, context, where the weights go, the verdict."""
+    from rich.table import Table
+
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    where = {"gpu": "GPU", "metal": "Metal (unified memory)", "cpu": "CPU only, weights mapped from the file"}[p.device]
+    t.add_row("device", where + (f", budget {human_bytes(p.gpu_budget)}" if p.gpu_budget else ""))
+    t.add_row("context", f"{p.n_ctx} tokens: KV cache {human_bytes(p.kv_bytes)}, "
+              f"compute buffers {human_bytes(p.compute_bytes)}")
+    t.add_row("weights", human_bytes(p.weights_bytes))
+    if p.gpu_budget is not None:
+        t.add_row("on the GPU", f"{human_bytes(p.gpu_bytes)} (spare beyond a 512 MiB reserve: "
+                  f"{human_bytes(max(p.headroom, 0))}), n_gpu_layers {p.n_gpu_layers}")
+    layers = p.cpu_expert_layers
+    t.add_row("on the CPU", human_bytes(p.cpu_bytes) + (f": experts of layers {layers[0]}-{layers[-1]} "
+                                                         f"(--n-cpu-moe {len(layers)})" if layers else ""))
+    t.add_row("RAM", (human_bytes(p.ram_budget) if p.ram_budget else "unknown")
+              + ("; CPU weights repacked for speed" if p.repack and p.cpu_bytes else ""))
+    t.add_row("verdict", "fits" if p.fits else f"[yellow]{p.advice}[/]")
+    return t
+
+
+def models_table(models):
+    """`localmix ls`'s table: name, kind and size of each cached model (or how to get one)."""
+    from rich.table import Table
+
+    if not models:
+        return "no models yet: `localmix pull REPO:QUANT` downloads one"
+    table = Table(box=None, pad_edge=False)
+    for column in ("name", "kind", "size"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for m in models:
+        table.add_row(m.name, m.kind, human_bytes(m.size))
+    return table
+
+
 STOPPED = {"length": "max_tokens", "context": "context full", "cancelled": "interrupted"}
 
 

@@ -30,6 +30,8 @@ import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
+from localmix.paths import cache_dir
+
 
 def _cache_dir() -> str:
     """Where numba caches the compiled kernels: a folder named by a digest of every kernel
@@ -38,8 +40,7 @@ def _cache_dir() -> str:
     digest = hashlib.sha256()
     for f in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(f.read_bytes())
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "localmix"
-    return str(Path(base) / "numba" / digest.hexdigest()[:16])
+    return str(cache_dir() / "numba" / digest.hexdigest()[:16])
 
 
 if not os.environ.get("NUMBA_CACHE_DIR"):  # the user's own choice wins

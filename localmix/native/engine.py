@@ -22,6 +22,7 @@ from localmix.native.model import KVCache, forward, prefill
 from localmix.native.sampler import Sampler
 from localmix.native.weights import load_weights
 from localmix.runtime.log import set_llama_log
+from localmix.runtime.planner import Plan
 from localmix.runtime.stream import ContextOverflow, Done, Piece, Sampling, common_prefix, reply_events
 from localmix.runtime.vocab import open_vocab
 
@@ -29,10 +30,10 @@ PREFILL_BATCH = 64
 
 
 class NativeEngine:
-    """Mixtral/Mistral GGUFs run by localmix's own forward pass."""
+    """Mixtral/Mistral GGUFs run by localmix's own forward pass (the `Engine` of runtime/engine.py)."""
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None,
-                 verbose: bool = False):
+                 verbose: bool = False, plan: Plan | None = None):
         self.path = Path(path)
         set_llama_log(verbose)  # the vocabulary is llama.cpp's: its log only with verbose
         self.weights = load_weights(self.path)
@@ -40,7 +41,7 @@ class NativeEngine:
         self.n_ctx = n_ctx or self.weights.hp.context_length
         self.n_threads = n_threads  # numpy's BLAS decides; kept for the interface
         self.metadata = self.vocab.metadata()
-        self.plan = None  # open_engine's placement: all on the CPU, mapped
+        self.plan = plan  # open_engine's placement: all on the CPU, mapped
         self.cache = KVCache.empty(self.weights.hp, self.n_ctx)
         self.cached: list[int] = []  # the tokens whose keys and values are in the cache, in order
         self._lock = threading.Lock()

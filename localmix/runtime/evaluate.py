@@ -46,6 +46,8 @@ class LlamaScorer:
     def __init__(self, path: str | Path, n_ctx: int, n_threads: int | None = None):
         import llama_cpp
 
+        from localmix.runtime.llama import Handles
+
         try:
             self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                                        logits_all=True, n_threads=n_threads or os.cpu_count(), verbose=False,
@@ -53,7 +55,7 @@ class LlamaScorer:
         except ValueError as e:
             raise InputError(f"llama.cpp could not load {path}: {e}") from None
         self.n_vocab = self.llm.n_vocab()
-        self.add_bos = bool(self.llm._model.add_bos_token())
+        self.add_bos = Handles(self.llm).add_bos()
         self.bos = self.llm.token_bos()
 
     def tokenize(self, text: str) -> list[int]:

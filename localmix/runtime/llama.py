@@ -39,9 +39,41 @@ def _metadata(path: Path) -> dict[str, str]:
             if not key.startswith("GGUF.") and f.types[0] != GGUFValueType.ARRAY}
 
 
+class Handles:
+    """What llama-cpp-python keeps private of a loaded `Llama` and localmix needs: the C model
+    the batching scheduler makes its own context on (`Llama._model`), and the engine's context
+    it frees (`Llama._ctx`). Every read of those private attributes is here, so a version of
+    llama-cpp-python that renames them breaks this class alone."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    @property
+    def model(self):
+        """The `llama_model *` of the loaded weights."""
+        return self.llm._model.model
+
+    @property
+    def vocab_pointer(self):
+        """The model's `llama_vocab *`, for llama.cpp's C functions (grammar samplers)."""
+        return self.llm._model.vocab
+
+    def vocab(self) -> Vocab:
+        """The model's vocabulary (vocab.py), keeping `llm`, which frees the model, alive."""
+        return Vocab(self.llm._model, owner=self.llm)
+
+    def add_bos(self) -> bool:
+        return bool(self.llm._model.add_bos_token())
+
+    def free_context(self) -> None:
+        """Free the Llama's own context (its KV cache); freeing it again (at exit) does nothing."""
+        self.llm._ctx.close()
+
+
 class LlamaCppEngine:
-    """llama.cpp through llama-cpp-python, the GGUF memory-mapped. The KV cache is kept
-    between calls: a prompt that extends the previous one evaluates only the new tokens."""
+    """llama.cpp through llama-cpp-python, the GGUF memory-mapped (the `Engine` of engine.py).
+    The KV cache is kept between calls: a prompt that extends the previous one evaluates only
+    the new tokens. `llm` is the llama_cpp.Llama, for the batching scheduler (scheduler.py)."""
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None, verbose: bool = False,
                  plan: Plan | None = None, n_gpu_layers: int | None = None, repack: bool = False, **llama_kwargs):
@@ -58,7 +90,7 @@ class LlamaCppEngine:
         # buffer keeps the size asked for, so the smaller of the two is what we can use
         self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self.metadata = dict(self.llm.metadata) or _metadata(self.path)
-        self.vocab = Vocab(self.llm._model, owner=self.llm)  # llama.cpp's vocabulary of the loaded model
+        self.vocab = Handles(self.llm).vocab()  # llama.cpp's vocabulary of the loaded model
         self._lock = threading.Lock()
 
     def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:

@@ -38,8 +38,8 @@ from typing import Callable
 import llama_cpp as L
 import numpy as np
 
+from localmix.runtime.llama import Handles
 from localmix.runtime.stream import Done, Piece, Sampling, common_prefix, reply_events
-from localmix.runtime.vocab import Vocab
 
 log = logging.getLogger("localmix.server")
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
@@ -128,9 +128,10 @@ class Scheduler:
         # for 32 tokens on 2 cores). One decode of one token lets those threads go to sleep.
         llm.eval([llm.token_bos()])
         llm.reset()
-        self.vocab = llm._model.vocab
+        handles = Handles(llm)
+        self.vocab = handles.vocab_pointer
         self.n_vocab = llm.n_vocab()
-        self.words = Vocab(llm._model, owner=llm)  # end-of-generation tokens; pieces, control tokens shown as nothing
+        self.words = handles.vocab()  # end-of-generation tokens; pieces, control tokens shown as nothing
         own = llm.context_params  # the engine's own settings (threads, KV types, flash attention, ...)
         params = type(own).from_buffer_copy(own)
         params.n_ctx = n_ctx * parallel
@@ -138,12 +139,12 @@ class Scheduler:
         params.kv_unified = False
         params.n_batch = params.n_ubatch = max(chunk * parallel, 64)
         params.n_threads = params.n_threads_batch = n_threads or own.n_threads
-        self.ctx = L.llama_init_from_model(llm._model.model, params)
+        self.ctx = L.llama_init_from_model(handles.model, params)
         if not self.ctx:
             raise MemoryError("llama.cpp could not make a context for the server's sequences")
         self.mem = L.llama_get_memory(self.ctx)
         if release_engine_context:
-            llm._ctx.close()  # llama_free of the engine's context; closing it again (at exit) does nothing
+            handles.free_context()
         self.n_batch = params.n_batch
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._ids = np.arange(self.n_vocab, dtype=np.int32)

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from localmix.errors import InputError
-from localmix.runtime.scheduler import Busy, Job, Scheduler, Scored
+from localmix.runtime.llama import LlamaCppEngine
 from localmix.runtime.prompt import chat_tokens
+from localmix.runtime.scheduler import Busy, Job, Scheduler, Scored
 from localmix.runtime.stream import Done, Piece, Sampling
 
 
@@ -42,7 +43,7 @@ class Options:
 @dataclass
 class State:
     options: Options
-    engine: object = None          # a LlamaCppEngine once loaded
+    engine: LlamaCppEngine | None = None  # once loaded; the scheduler decodes on its model
     scheduler: Scheduler | None = None
     load_error: str | None = None
     started: float = field(default_factory=time.time)

@@ -25,9 +25,9 @@ from localmix.frontends.server.common import (
     sse,
     text_prompt,
 )
-from localmix.runtime.scheduler import Scored
 from localmix.frontends.server.schemas import ACCEPTED, UNSUPPORTED, ChatRequest, Common, CompletionRequest
 from localmix.runtime.prompt import FIM_TOKENS
+from localmix.runtime.scheduler import Scored
 from localmix.runtime.stream import Done, Piece
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from localmix.errors import InputError
+from localmix.frontends.options import Load
 from localmix.frontends.server.common import Options, State
 
 LOOPBACK_NAMES = ("localhost",)
@@ -30,8 +31,10 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 8080, parallel: int = 1,
-          queue: int = 16, chunk: int = 128, ctx: int | None = None, load_options: dict | None = None,
-          allow_hosts: tuple[str, ...] = (), announce=print) -> None:
+          queue: int = 16, chunk: int = 128, load: Load | None = None, allow_hosts: tuple[str, ...] = (),
+          announce=print) -> None:
+    """Serve the model at `path` on host:port until SIGINT/SIGTERM; `load` says how to open it
+    (the llama.cpp engine, `parallel` sequences of `load.ctx` tokens)."""
     import uvicorn
 
     from localmix.frontends.server.app import build_app
@@ -50,8 +53,9 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
     check_gguf(path)  # a broken file is a clean error now, not a failed load later
     from localmix.frontends.load import plan_engine
 
-    wanted = {k: v for k, v in (load_options or {}).items() if k in ("force", "vram", "ram", "n_cpu_moe")}
-    plan_engine(path, ctx, sequences=parallel, **wanted)  # --parallel KV caches that do not fit: an error now
+    load = load or Load()
+    # --parallel KV caches that do not fit: an error now
+    plan_engine(path, load.ctx, load.force, load.vram, load.ram, load.n_cpu_moe, sequences=parallel)
     try:  # a port in use is a clean error too
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -63,7 +67,7 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
         from localmix.frontends.load import open_engine
         from localmix.runtime.scheduler import Scheduler
 
-        engine = open_engine(path, ctx=ctx, sequences=parallel, **(load_options or {}))
+        engine = open_engine(path, load, sequences=parallel)
         state.engine = engine
         state.scheduler = Scheduler(engine.llm, parallel=parallel, n_ctx=engine.n_ctx, queue_size=queue, chunk=chunk,
                                     release_engine_context=True)
