@@ -15,9 +15,10 @@ import pytest
 from conftest import REPO, run_localmix
 
 from localmix.errors import InputError
-from localmix.frontends.chat import ChatSession, open_block, read_message, unquote
+from localmix.frontends.chat import ChatSession
 from localmix.frontends.commands import apply_setting
 from localmix.frontends.render import stats_line
+from localmix.frontends.terminal import open_block, read_message, unquote
 from localmix.runtime.stream import Done, Piece, Sampling
 
 # ---- fakes ----

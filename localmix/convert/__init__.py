@@ -1,11 +1,17 @@
 """Convert: a Hugging Face checkpoint (or a float GGUF) becomes a GGUF file of chosen types.
 
-The flow, a module a step: `config` (config.json -> ModelConfig), `checkpoint` and `mapped`
-(safetensors shards, validated and memory-mapped), `names` (HF names -> GGUF names, expert
-stacking, shape checks), `sources` (a checkpoint or a float GGUF seen the same way), `vocab`
-(the SentencePiece vocabulary), `mix` (a file type -> the type of every tensor, llama.cpp's
-mixes), `imatrix` (importance-matrix files), `pipeline` (the streaming conversion) and
-`presets` (real models' tensor tables, as this stage would write them, without weights).
+The flow, a module a step:
+  config.py      config.json -> ModelConfig
+  checkpoint.py  safetensors shards, validated, one tensor at a time
+  mapped.py      a tensor's float rows through short-lived memory maps
+  sources.py     a checkpoint or a float GGUF, seen the same way
+  names.py       HF names -> GGUF names in one table, expert stacking, shape checks
+  vocab.py       the SentencePiece vocabulary, special tokens and chat template
+  mix.py         a file type -> the type of every tensor (llama.cpp's mixes)
+  imatrix.py     importance-matrix files (llama-imatrix's)
+  fit.py         `quantize --fit`: the per-tensor types that lose least for a byte budget
+  pipeline.py    the streaming conversion
+  presets.py     real models' tensor tables, as this stage would write them, without weights
 
 May import: localmix.gguf, localmix.kernels, localmix.errors, localmix.units.
 """

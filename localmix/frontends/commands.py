@@ -1,9 +1,10 @@
-"""The slash commands of `localmix chat`: one small function each, over a ChatSession and its UI.
+"""The slash commands of `localmix chat`: one small function each, over a session and its UI.
 
 `run_command(session, ui, "/set temperature 0.2")` runs one; a mistake a user can make (an
 unknown command, a bad value, a missing file) is one line of hint, never a traceback.
 `/save` writes the conversation as JSON (`{"messages": [...], ...}`); `/load` reads that, or a
-bare list of messages.
+bare list of messages. A command sees the session through `Session`, the little of chat.py's
+ChatSession it uses, so this module needs nothing of the loop that runs it.
 """
 
 from __future__ import annotations
@@ -13,14 +14,28 @@ import math
 import shlex
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 from localmix.errors import InputError, LocalmixError
 from localmix.frontends.render import stats_line
-from localmix.runtime.stream import Sampling
+from localmix.frontends.session import UI, Conversation, Stats
+from localmix.runtime.stream import Done, Sampling
 
-if TYPE_CHECKING:
-    from localmix.frontends.chat import UI, ChatSession
+
+class Session(Protocol):
+    """What a command needs of the chat session (chat.py's ChatSession)."""
+
+    sampling: Sampling
+    conversation: Conversation
+    stats: Stats
+    n_ctx: int | None
+    model: str
+    memory: str  # what /show says about memory
+
+    def context_used(self) -> int | None: ...  # tokens the conversation takes now, None without a counter
+    def send(self, ui: UI, text: str) -> Done | None: ...  # a new message, answered
+    def answer(self, ui: UI, restore: list[dict]) -> Done | None: ...  # answer the last message (again)
+
 
 QUIT = object()
 
@@ -95,7 +110,7 @@ def apply_setting(sampling: Sampling, name: str, value: str) -> Sampling:
     return replace(sampling, **{key: SETTINGS[key](value.strip())})
 
 
-def _set(session: ChatSession, ui: UI, arg: str):
+def _set(session: Session, ui: UI, arg: str):
     name, value = (arg.split(None, 1) + ["", ""])[:2]
     if not name:
         raise InputError("usage: /set <name> <value>; /show lists the parameters")
@@ -110,7 +125,7 @@ def _help(session, ui, arg):
     ui.print(HELP)
 
 
-def _show(session: ChatSession, ui: UI, arg):
+def _show(session: Session, ui: UI, arg):
     used = session.context_used()
     context = f"{session.n_ctx} tokens" if session.n_ctx else "unknown"
     if used is not None and session.n_ctx:
@@ -126,17 +141,17 @@ def _show(session: ChatSession, ui: UI, arg):
     ]))
 
 
-def _system(session: ChatSession, ui: UI, arg: str):
+def _system(session: Session, ui: UI, arg: str):
     session.conversation.system = arg or None
     ui.info(f"system prompt set ({len(arg)} characters)" if arg else "system prompt removed")
 
 
-def _clear(session: ChatSession, ui: UI, arg):
+def _clear(session: Session, ui: UI, arg):
     session.conversation.turns.clear()
     ui.info("conversation cleared" + (" (the system prompt stays)" if session.conversation.system else ""))
 
 
-def _regen(session: ChatSession, ui: UI, arg):
+def _regen(session: Session, ui: UI, arg):
     turns = session.conversation.turns
     if not turns:
         raise InputError("nothing to regenerate yet: send a message first")
@@ -146,7 +161,7 @@ def _regen(session: ChatSession, ui: UI, arg):
     session.answer(ui, before)
 
 
-def _read(session: ChatSession, ui: UI, arg: str):
+def _read(session: Session, ui: UI, arg: str):
     if not arg:
         raise InputError("usage: /read <file> [more text]")
     name, rest = _first_word(arg)
@@ -175,7 +190,7 @@ def _first_word(arg: str) -> tuple[str, str]:
     return name, rest.strip()
 
 
-def _save(session: ChatSession, ui: UI, arg: str):
+def _save(session: Session, ui: UI, arg: str):
     if not arg:
         raise InputError("usage: /save <file>")
     path = Path(_first_word(arg)[0]).expanduser()
@@ -187,7 +202,7 @@ def _save(session: ChatSession, ui: UI, arg: str):
     ui.info(f"saved {len(data['messages'])} messages to {path}")
 
 
-def _load(session: ChatSession, ui: UI, arg: str):
+def _load(session: Session, ui: UI, arg: str):
     if not arg:
         raise InputError("usage: /load <file>")
     path = Path(_first_word(arg)[0]).expanduser()
@@ -224,7 +239,7 @@ def parse_messages(messages, where) -> tuple[str | None, list[dict]]:
     return "\n\n".join(system) or None, turns
 
 
-def _stats(session: ChatSession, ui: UI, arg):
+def _stats(session: Session, ui: UI, arg):
     st = session.stats
     if not st.replies:
         ui.print("no replies yet")
@@ -251,7 +266,7 @@ COMMANDS = {"help": _help, "?": _help, "set": _set, "show": _show, "system": _sy
             "exit": _exit, "quit": _exit, "bye": _exit}
 
 
-def run_command(session: ChatSession, ui: UI, line: str):
+def run_command(session: Session, ui: UI, line: str):
     """Run one slash command; returns QUIT when the chat should end."""
     name, arg = (line[1:].split(None, 1) + ["", ""])[:2]
     command = COMMANDS.get(name.lower())

@@ -17,6 +17,13 @@ Q8_0, the plain ports compiled as they are); `quantize_ref` runs
 the plain ports (the straight reading of the C) as plain Python, one row at a time (slow: for
 tests). The float types, and every dequantization, come from the `gguf` package (llama.cpp's
 own gguf-py).
+
+The native engine's products of activations with a tensor, straight from its bytes:
+  matmul.py     what the forward calls: the product for any type, prefill or decode
+  dot.py        the fast quantized products: integer dot products over the stored blocks
+  dot_ref.py    their plain reference: ggml's per-block integer dot, in numpy
+  decode.py     one activation row (T = 1) times a K-quant or legacy tensor
+  decode_iq.py  the same for the i-quants
 """
 
 from __future__ import annotations

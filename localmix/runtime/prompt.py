@@ -31,7 +31,14 @@ import re
 from typing import Any, Mapping, Sequence
 
 from localmix.errors import InputError
-from localmix.runtime.template import ALTERNATE_ERROR, SYSTEM_JOIN, Message, _checked, render, template_from_metadata
+from localmix.runtime.template import (
+    ALTERNATE_ERROR,
+    SYSTEM_JOIN,
+    Message,
+    checked_messages,
+    render,
+    template_from_metadata,
+)
 from localmix.runtime.vocab import Vocab
 
 FORMATS = ("mistral-v1", "mistral-v2", "template", "raw")
@@ -53,7 +60,7 @@ def chat_tokens(vocab: Vocab, metadata: Mapping[str, str], messages: Sequence[Me
     for the model whose vocabulary and metadata (`tokenizer.chat_template`) are given. With
     `raw`, or for a file in the "raw" format, the contents are joined by blank lines and sent
     as text to continue. Problems with the conversation are InputErrors of one line."""
-    messages = _checked(messages)
+    messages = checked_messages(messages)
     template = template_from_metadata(metadata)
     kind = "raw" if raw else prompt_format(vocab, template)
     if kind == "raw":

@@ -63,7 +63,7 @@ def render(messages: Sequence[Message], template: str | None, bos_token: str = "
     With `template` None, the Mistral `[INST]` format is built in code. Any problem with the
     conversation or the template is an InputError with one line.
     """
-    messages = _checked(messages)
+    messages = checked_messages(messages)
     if template is None:
         return _render_inst(_fold_system(messages), bos_token, eos_token)
     compiled = _compile(template)
@@ -76,7 +76,7 @@ def render(messages: Sequence[Message], template: str | None, bos_token: str = "
                 add_generation_prompt=add_generation_prompt)
 
 
-def _checked(messages: Sequence[Message]) -> list[dict[str, Any]]:
+def checked_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
     """Plain dict copies (the caller's list is never touched), each with a role and text content."""
     out = []
     for i, m in enumerate(messages):

@@ -1,7 +1,15 @@
 """`localmix serve`: one engine behind the OpenAI, ollama and Mistral HTTP APIs.
 
-app.py (the ASGI app and its safety checks), one module per dialect (openai.py, ollama.py,
-mistral.py), schemas.py (the request models), structured.py (JSON output and tool calls),
-common.py (what the dialects share), scheduler.py (the batched llama.cpp scheduler, no HTTP),
-run.py (the command).
+  run.py         the command: flags, loading, serving until a signal
+  app.py         the ASGI app and its safety checks, /health, /metrics
+  openai.py      the OpenAI dialect: chat, completions, models
+  ollama.py      the ollama dialect
+  mistral.py     the Mistral dialect (its names on OpenAI's endpoint)
+  fim.py         Mistral's fill in the middle
+  schemas.py     the request models (pydantic)
+  structured.py  JSON output and tool calls, for every dialect
+  toolcalls.py   Mistral's native tool calls
+  logprobs.py    OpenAI's two shapes of log-probabilities
+  common.py      what the dialects share: state, errors, running a request on the scheduler
+The batched scheduler itself knows no HTTP: it is localmix/runtime/scheduler.py.
 """

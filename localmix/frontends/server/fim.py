@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 
 from localmix.errors import InputError
 from localmix.frontends.server.common import ApiError, Run, State, check_context, collect_all
-from localmix.frontends.server.openai import FINISH, _jobs, _stream, _usage, check_params
+from localmix.frontends.server.openai import FINISH, check_params, event_stream, request_jobs, token_usage
 from localmix.frontends.server.schemas import FIMRequest
 from localmix.runtime.prompt import fim_tokens
 
@@ -31,13 +31,13 @@ def router(state: State) -> APIRouter:
         except InputError as e:
             raise ApiError(400, str(e), param="model", code="fim_not_supported") from None
         # the middle continues the prompt's text: its first token's word-start space is kept
-        run = Run(state, _jobs(state, body, check_context(state, tokens), max_tokens=body.max_tokens,
-                               strip_space=False))
+        run = Run(state, request_jobs(state, body, check_context(state, tokens), max_tokens=body.max_tokens,
+                                      strip_space=False))
         head = {"id": "fim-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": state.options.model_name}
         if body.stream:
-            return _stream(run, head, "chat.completion.chunk", False, None)
+            return event_stream(run, head, "chat.completion.chunk", False, None)
         dones = await collect_all(run, request)
-        return {**head, "object": "chat.completion", "usage": _usage(dones),
+        return {**head, "object": "chat.completion", "usage": token_usage(dones),
                 "choices": [{"index": i, "message": {"role": "assistant", "content": d.text},
                              "finish_reason": FINISH[d.reason]} for i, d in enumerate(dones)]}
 

@@ -56,8 +56,8 @@ def router(state: State) -> APIRouter:
         plan = structured.plan(state, body, messages)
         tokens = plan.prompt(state)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        run = Run(state, _jobs(state, body, tokens, max_tokens=body.max_completion_tokens or body.max_tokens,
-                               grammar=plan.grammar, logprobs=top, bias=plan.bias, shown=plan.shown))
+        run = Run(state, request_jobs(state, body, tokens, max_tokens=body.max_completion_tokens or body.max_tokens,
+                                      grammar=plan.grammar, logprobs=top, bias=plan.bias, shown=plan.shown))
         rid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
         head = {"id": rid, "created": created, "model": state.options.model_name}
         names = logprobs.Names(state.engine.vocab.piece)
@@ -70,9 +70,9 @@ def router(state: State) -> APIRouter:
                 scored = logprobs.chat(run.scores[i], names) if top is not None else None
                 choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": scored})
             return {**head, "object": "chat.completion", "system_fingerprint": "localmix", "choices": choices,
-                    "usage": _usage(dones)}
+                    "usage": token_usage(dones)}
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(run, head, "chat.completion.chunk", usage, plan,
+        return event_stream(run, head, "chat.completion.chunk", usage, plan,
                        (lambda scores, _: logprobs.chat(scores, names)) if top is not None else None)
 
     @api.post("/v1/completions")
@@ -84,8 +84,8 @@ def router(state: State) -> APIRouter:
         if len(prompts) != 1:
             raise ApiError(400, "one prompt per request: 'prompt' must be a string or a list of one string",
                            param="prompt")
-        run = Run(state, _jobs(state, body, text_prompt(state, prompts[0]), max_tokens=body.max_tokens,
-                               strip_space=False, logprobs=body.logprobs))
+        run = Run(state, request_jobs(state, body, text_prompt(state, prompts[0]), max_tokens=body.max_tokens,
+                                      strip_space=False, logprobs=body.logprobs))
         rid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
         head = {"id": rid, "created": created, "model": state.options.model_name}
         names = logprobs.Names(state.engine.vocab.piece)
@@ -99,9 +99,9 @@ def router(state: State) -> APIRouter:
             choices = [{"index": i, "text": done.text, "finish_reason": FINISH[done.reason],
                         "logprobs": scored(run.scores[i], 0)} for i, done in enumerate(dones)]
             return {**head, "object": "text_completion", "system_fingerprint": "localmix", "choices": choices,
-                    "usage": _usage(dones)}
+                    "usage": token_usage(dones)}
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(run, head, "text_completion", usage, None, scored if body.logprobs is not None else None)
+        return event_stream(run, head, "text_completion", usage, None, scored if body.logprobs is not None else None)
 
     return api
 
@@ -121,9 +121,9 @@ def check_params(body: Common) -> None:
         raise ApiError(400, "'seed' and 'random_seed' disagree; give one", param="random_seed")
 
 
-def _jobs(state: State, body: Common, tokens: list[int], max_tokens: int | None, grammar: str | None = None,
-          strip_space: bool = True, logprobs: int | None = None, bias: dict[int, float] | None = None,
-          shown: frozenset[int] = frozenset()) -> list[dict]:
+def request_jobs(state: State, body: Common, tokens: list[int], max_tokens: int | None, grammar: str | None = None,
+                 strip_space: bool = True, logprobs: int | None = None, bias: dict[int, float] | None = None,
+                 shown: frozenset[int] = frozenset()) -> list[dict]:
     """The scheduler jobs of a request: `n` choices of one prompt, choice i seeded with seed + i."""
     if body.n > state.scheduler.parallel:
         raise ApiError(400, f"n={body.n} choices need as many slots and this server has {state.scheduler.parallel} "
@@ -148,7 +148,7 @@ def _jobs(state: State, body: Common, tokens: list[int], max_tokens: int | None,
     return [{**job, "sampling": s} for s in seeded]
 
 
-def _usage(dones: list[Done]) -> dict:
+def token_usage(dones: list[Done]) -> dict:
     """The prompt once (its choices share it), and every choice's tokens."""
     generated = sum(d.generated_tokens for d in dones)
     return {"prompt_tokens": dones[0].prompt_tokens, "completion_tokens": generated,
@@ -169,7 +169,7 @@ def _fim(state: State) -> bool:
     return vocab is not None and all(vocab.special_id(t) is not None for t in FIM_TOKENS)
 
 
-def _stream(run: Run, head: dict, kind: str, include_usage: bool, plan, scored=None) -> StreamingResponse:
+def event_stream(run: Run, head: dict, kind: str, include_usage: bool, plan, scored=None) -> StreamingResponse:
     """Server-sent chunks, each choice's by its `index`; with `scored(scores, at)`, a chunk
     carries the log-probabilities of the tokens that made its text (`at`: where the text starts)."""
     chat = kind == "chat.completion.chunk"
@@ -220,7 +220,7 @@ def _stream(run: Run, head: dict, kind: str, include_usage: bool, plan, scored=N
                     yield chunk(i, finish=finish, scores=take(i))  # the tokens no text came of (a stop string's)
             if include_usage:
                 yield sse({**head, "object": kind, "system_fingerprint": "localmix", "choices": [],
-                           "usage": _usage(dones)})
+                           "usage": token_usage(dones)})
             yield b"data: [DONE]\n\n"
         except ApiError as e:  # after the headers went out: the error goes in the stream
             yield sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
