@@ -11,7 +11,8 @@ checks it):
   gguf/       the GGUF file itself: read, check, write
   kernels/    float32 rows <-> the bytes of each GGML tensor type
 Beside them, imported by all and importing none: errors.py (the exception types and exit
-codes), units.py (sizes as people read them) and outfile.py (outputs never left half-written).
+codes), units.py (sizes as people read them), outfile.py (outputs never left half-written) and
+paths.py (where localmix keeps its files).
 """
 
 __version__ = "0.1.0"

@@ -3,8 +3,9 @@
 `ChatSession.run(ui)` reads a message, fits the conversation into the context (dropping the
 oldest exchanges, never the system prompt), streams the reply and prints one stats line. It
 knows nothing of models: it is given a `Reply` callable, `reply(messages, sampling, cancel)`
--> Piece events then one Done; the CLI passes `engine_reply(engine)`, the tests a fake.
-`start(session)` runs it on this process's terminal, or on a pipe.
+-> Piece events then one Done; `chat` passes `engine_reply(engine)`, the tests a fake.
+`start(session)` runs it on this process's terminal, or on a pipe; `chat` opens a model and
+starts a session with it.
 
 The jobs around the loop have their own modules: session.py (the conversation, and one reply
 streamed on a worker thread so that Ctrl-C stops it between two tokens, the partial reply
@@ -14,16 +15,18 @@ commands.py (the slash commands).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 from localmix.errors import LocalmixError
 from localmix.frontends.commands import QUIT, run_command
+from localmix.frontends.load import open_engine
+from localmix.frontends.options import Load
 from localmix.frontends.render import stats_line
-from localmix.frontends.session import UI, Conversation, CountTokens, Reply, Stats, stream
-from localmix.frontends.session import engine_reply as engine_reply  # the CLI's: chat.py is its door
+from localmix.frontends.session import UI, Conversation, CountTokens, Reply, Stats, engine_reply, stream
 from localmix.frontends.terminal import PlainUI, TerminalUI, read_message, unquote
+from localmix.paths import data_dir
+from localmix.runtime.planner import placement_line
 from localmix.runtime.stream import Done, Sampling
 
 
@@ -118,8 +121,17 @@ class ChatSession:
 
 
 def history_path() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "localmix" / "chat_history"
+    return data_dir() / "chat_history"
+
+
+def chat(model: Path, load: Load, sampling: Sampling, system: str | None = None, raw: bool = False,
+         history: bool = True) -> None:
+    """`localmix chat`: open the model as `load` says and chat with it on this terminal."""
+    engine = open_engine(model, load)
+    reply, count_tokens = engine_reply(engine)
+    session = ChatSession(reply, sampling=sampling, system=system, n_ctx=engine.n_ctx, count_tokens=count_tokens,
+                          model=str(model), memory=placement_line(engine.plan))
+    start(session, raw=raw, history=history_path() if history else None)
 
 
 def start(session: ChatSession, raw: bool = False, history: Path | None = None) -> None:

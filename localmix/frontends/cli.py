@@ -54,14 +54,6 @@ MODEL = typer.Argument(..., help="A GGUF file, or a model pulled by name (REPO:Q
 SAFE = typer.Option(False, "--safe", help="Put Mistral's guardrail system prompt first, as its API's safe_prompt does.")
 
 
-def _safe_system(system: str | None, safe: bool) -> str | None:
-    if not safe:
-        return system
-    from localmix.frontends.server.mistral import SAFE_PROMPT
-
-    return SAFE_PROMPT + ("\n\n" + system if system else "")
-
-
 @app.command()
 @options(load=LOAD.but(help_verbose="Show llama.cpp's log and a stats line on stderr."),
          sampling=SAMPLING.but(max_tokens=512, help_max_tokens="Stop after this many tokens.",
@@ -78,9 +70,11 @@ def run(
 ):
     """Answer one prompt and exit: only the reply goes to stdout, ready for a pipe."""
     from localmix.frontends.oneshot import answer, read_prompt
+    from localmix.frontends.server.mistral import safe_system
 
     path = model_path(model)
-    answer(path, read_prompt(prompt or [], sys.stdin), _safe_system(system, safe), sampling, load, err, as_json, raw)
+    system = safe_system(system) if safe else system
+    answer(path, read_prompt(prompt or [], sys.stdin), system, sampling, load, err, as_json, raw)
 
 
 @app.command()
@@ -97,7 +91,10 @@ def chat(
 
     Input history is kept in $XDG_DATA_HOME/localmix/chat_history (~/.local/share/...).
     """
-    _chat(model_path(model), load, sampling, system=_safe_system(system, safe), raw=raw, history=not no_history)
+    from localmix.frontends.chat import chat as run_chat
+    from localmix.frontends.server.mistral import safe_system
+
+    run_chat(model_path(model), load, sampling, safe_system(system) if safe else system, raw, history=not no_history)
 
 
 @app.command()
@@ -125,19 +122,6 @@ def serve(
                       sampling=sampling)
     run_server(path, options, host=host, port=port, parallel=parallel, queue=queue, load=load,
                allow_hosts=tuple(allow_host or ()), announce=lambda line: print(line, file=sys.stderr, flush=True))
-
-
-def _chat(model: Path, load: Load, sampling: Sampling, system: str | None = None, raw: bool = False,
-          history: bool = True) -> None:
-    from localmix.frontends.chat import ChatSession, engine_reply, history_path, start
-    from localmix.frontends.load import open_engine
-    from localmix.runtime.planner import placement_line
-
-    engine = open_engine(model, load)
-    reply, count_tokens = engine_reply(engine)
-    session = ChatSession(reply, sampling=sampling, system=system, n_ctx=engine.n_ctx, count_tokens=count_tokens,
-                          model=str(model), memory=placement_line(engine.plan))
-    start(session, raw=raw, history=history_path() if history else None)
 
 
 @app.command()
@@ -222,10 +206,11 @@ def demo(
     `hf download mistralai/Mixtral-8x7B-Instruct-v0.1 --local-dir mixtral`) and run
     `localmix quantize mixtral mixtral-Q4_K_M.gguf --type Q4_K_M`.
     """
+    from localmix.frontends.chat import chat as run_chat
     from localmix.frontends.demo import demo as run_demo
 
     run_demo(directory, tokens, Console(highlight=False), err,
-             chat=lambda path, ctx, sampling: _chat(path, Load(ctx=ctx), sampling))
+             chat=lambda path, ctx, sampling: run_chat(path, Load(ctx=ctx), sampling))
 
 
 class _Terminated(BaseException):

@@ -1,7 +1,7 @@
 """Numeric kernels: float32 rows -> the bytes of a GGML tensor type, and back.
 
 Each type is a pair of pure functions over rows whose length is a multiple of the type's
-block size. The bottom stage: it imports nothing else of localmix.
+block size. The bottom stage: of localmix it imports only paths.py (where numba keeps its cache).
 
 The quantized types are this project's own kernels, ports of llama.cpp's ggml-quants.c that
 write the bytes `ggml_quantize_chunk` writes, with or without an importance matrix:

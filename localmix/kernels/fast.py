@@ -52,7 +52,7 @@ def quantize_row_q2_K_fast(x, qw, out):
     for b in range(x.shape[0] // QK_K):
         xs = x[b * QK_K:(b + 1) * QK_K]
         if has_qw:  # quantize_row_q2_K_impl
-            sigma2 = K._sum_squares(xs) / F(QK_K)
+            sigma2 = K.sum_squares(xs) / F(QK_K)
             for j in range(NL):
                 for i in range(16):
                     v = xs[16 * j + i]
@@ -72,7 +72,7 @@ def quantize_row_q2_K_fast(x, qw, out):
             mins[j] = S[FMIN + j]
             for i in range(16):
                 L[16 * j + i] = np.uint8(S[LB + i * NL + j])
-        K._q2_K_store(xs, has_qw, scales, mins, sw, L, out, b * K.Q2_BYTES)
+        K.q2_K_store(xs, has_qw, scales, mins, sw, L, out, b * K.Q2_BYTES)
 
 
 # ---------------------------------------------------------------- Q3_K
@@ -87,7 +87,7 @@ def quantize_row_q3_K_fast(x, qw, out):
     for b in range(x.shape[0] // QK_K):
         xs = x[b * QK_K:(b + 1) * QK_K]
         if has_qw:  # quantize_row_q3_K_impl
-            sigma2 = F(2.0) * K._sum_squares(xs) / F(QK_K)
+            sigma2 = F(2.0) * K.sum_squares(xs) / F(QK_K)
             for j in range(NL):
                 for i in range(16):
                     v = xs[16 * j + i]
@@ -105,7 +105,7 @@ def quantize_row_q3_K_fast(x, qw, out):
             for i in range(16):
                 L[16 * j + i] = np.int8(S[LB + i * NL + j])
         o = b * K.Q3_BYTES
-        _q3_K_finish_fast(xs, L, out, o, K._q3_K_scales(has_qw, scales, sw, out, o))
+        _q3_K_finish_fast(xs, L, out, o, K.q3_K_scales(has_qw, scales, sw, out, o))
 
 
 @jit
@@ -132,7 +132,7 @@ def _q3_K_finish_fast(x, L, out, o, dd):
             hm |= (l >> 2) << k
             L[32 * k + m] = np.int8(l & 3)
         out[o + K.Q3_HM + m] = hm
-    K._pack_2bit(out, o + K.Q3_QS, L)
+    K.pack_2bit(out, o + K.Q3_QS, L)
 
 
 # ---------------------------------------------------------------- Q4_K and Q5_K
@@ -152,7 +152,7 @@ def _qk_row_fast(x, qw, out, nbytes, at_d, at_dmin, at_sc, nmax):
         for h in range(2):
             b = min(p + h, nb - 1)
             xs = x[b * QK_K:(b + 1) * QK_K]
-            sigma2 = F(2.0) * K._sum_squares(xs) / F(QK_K) if has_qw else F(0.0)
+            sigma2 = F(2.0) * K.sum_squares(xs) / F(QK_K) if has_qw else F(0.0)
             for jj in range(QK_K // 32):
                 j = 8 * h + jj
                 for i in range(32):
@@ -191,9 +191,9 @@ def _qk_row_fast(x, qw, out, nbytes, at_d, at_dmin, at_sc, nmax):
                 for i in range(32):
                     L[32 * jj + i] = np.uint8(S[LB + i * NL + j])
             o = b * nbytes
-            K._qk_store(x[b * QK_K:(b + 1) * QK_K], has_qw, scales, mins, sw, out, o, at_d, at_dmin, at_sc, nmax, L)
+            K.qk_store(x[b * QK_K:(b + 1) * QK_K], has_qw, scales, mins, sw, out, o, at_d, at_dmin, at_sc, nmax, L)
             if nmax == 15:
-                K._q4_K_pack(L, out, o)
+                K.q4_K_pack(L, out, o)
             else:
                 _q5_K_pack_fast(L, out, o)
 
@@ -241,7 +241,7 @@ def quantize_row_q6_K_fast(x, qw, out):
             scales[j] = S[SCALE + j]
             for i in range(16):
                 L[16 * j + i] = np.int8(S[LB + i * NL + j])
-        K._q6_K_store(xs, scales, L, out, b * K.Q6_BYTES)
+        K.q6_K_store(xs, scales, L, out, b * K.Q6_BYTES)
 
 
 # ---------------------------------------------------------------- legacy types with an importance matrix
@@ -269,7 +269,7 @@ def _q4_0_q5_0_fast(x, qw, out, nmax):
     S = _scratch()
     nb = x.shape[0] // G.QK
     L = np.empty(G.QK, dtype=np.int64)
-    sigma2 = G._sigma2(x)
+    sigma2 = G.row_sigma2(x)
     for g in range(0, nb, NL):
         _legacy_fill(S, x, qw, sigma2, g, nb)
         qx_search(S, G.QK, nmax, True)
@@ -278,11 +278,11 @@ def _q4_0_q5_0_fast(x, qw, out, nmax):
             if nmax == 8:
                 o = (g + j) * G.Q4_0_BYTES
                 put_f16(out, o + G.Q4_0_D, S[SCALE + j])
-                G._put_nibbles(out, o + G.Q4_0_QS, L)
+                G.put_nibbles(out, o + G.Q4_0_QS, L)
             else:
                 o = (g + j) * G.Q5_0_BYTES
                 put_f16(out, o + G.Q5_0_D, S[SCALE + j])
-                G._put_5bit(out, o + G.Q5_0_QH, o + G.Q5_0_QS, L)
+                G.put_5bit(out, o + G.Q5_0_QH, o + G.Q5_0_QS, L)
 
 
 @jit
@@ -291,7 +291,7 @@ def _q4_1_q5_1_fast(x, qw, out, nmax):
     S = _scratch()
     nb = x.shape[0] // G.QK
     L = np.empty(G.QK, dtype=np.int64)
-    sigma2 = G._sigma2(x)
+    sigma2 = G.row_sigma2(x)
     for g in range(0, nb, NL):
         _legacy_fill(S, x, qw, sigma2, g, nb)
         qkx_search(S, G.QK, nmax, F(-0.9), F(0.05), 36, False, True)
@@ -301,12 +301,12 @@ def _q4_1_q5_1_fast(x, qw, out, nmax):
                 o = (g + j) * G.Q4_1_BYTES
                 put_f16(out, o + G.Q4_1_D, S[SCALE + j])
                 put_f16(out, o + G.Q4_1_M, -S[FMIN + j])
-                G._put_nibbles(out, o + G.Q4_1_QS, L)
+                G.put_nibbles(out, o + G.Q4_1_QS, L)
             else:
                 o = (g + j) * G.Q5_1_BYTES
                 put_f16(out, o + G.Q5_1_D, S[SCALE + j])
                 put_f16(out, o + G.Q5_1_M, -S[FMIN + j])
-                G._put_5bit(out, o + G.Q5_1_QH, o + G.Q5_1_QS, L)
+                G.put_5bit(out, o + G.Q5_1_QH, o + G.Q5_1_QS, L)
 
 
 @jit

@@ -43,7 +43,7 @@ Q6_QL, Q6_QH, Q6_SC, Q6_D, Q6_BYTES = layout(T.Q6_K, ("ql", 128), ("qh", 64), ("
 
 
 @jit
-def _sum_squares(x):
+def sum_squares(x):
     s = F(0.0)
     for j in range(x.shape[0]):
         s += x[j] * x[j]
@@ -51,7 +51,7 @@ def _sum_squares(x):
 
 
 @jit
-def _pack_2bit(out, at, L):
+def pack_2bit(out, at, L):
     """Four 2-bit levels per byte, 32 bytes per 128 elements (Q2_K, Q3_K)."""
     for j in range(0, QK_K, 128):
         for l in range(32):
@@ -73,7 +73,7 @@ def _q2_K_finish(x, L, out, o, dm, mm):
         for ii in range(16):
             l = nearest_int((x[16 * j + ii] + m) / d)
             L[16 * j + ii] = max(0, min(3, l))
-    _pack_2bit(out, o + Q2_QS, L)
+    pack_2bit(out, o + Q2_QS, L)
 
 
 @jit
@@ -87,7 +87,7 @@ def quantize_row_q2_K(x, qw, out):
     for i in range(x.shape[0] // QK_K):
         xs = x[i * QK_K:(i + 1) * QK_K]
         if qw.shape[0] > 0:  # quantize_row_q2_K_impl
-            sigma2 = _sum_squares(xs) / F(QK_K)
+            sigma2 = sum_squares(xs) / F(QK_K)
             for j in range(QK_K // 16):
                 for l in range(16):
                     weight[l] = qw[i * QK_K + 16 * j + l] * np.sqrt(sigma2 + xs[16 * j + l] * xs[16 * j + l])
@@ -102,11 +102,11 @@ def quantize_row_q2_K(x, qw, out):
                     weight[l] = abs(xs[16 * j + l])
                 scales[j], mins[j] = make_qkx2_quants(16, 3, xs[16 * j:], weight, L[16 * j:], Laux, F(-0.5),
                                                       F(0.1), 15, True)
-        _q2_K_store(xs, qw.shape[0] > 0, scales, mins, sw, L, out, i * Q2_BYTES)
+        q2_K_store(xs, qw.shape[0] > 0, scales, mins, sw, L, out, i * Q2_BYTES)
 
 
 @jit
-def _q2_K_store(xs, has_qw, scales, mins, sw, L, out, o):
+def q2_K_store(xs, has_qw, scales, mins, sw, L, out, o):
     """A super-block's sub-block scales and mins, quantized and stored; then its levels."""
     if has_qw:  # quantize_row_q2_K_impl
         Ls = np.empty(QK_K // 16, dtype=np.uint8)
@@ -184,7 +184,7 @@ def _q3_K_finish(x, L, out, o, dd):
         if m == QK_K // 8:
             m = 0
             hm <<= 1
-    _pack_2bit(out, o + Q3_QS, L)
+    pack_2bit(out, o + Q3_QS, L)
 
 
 @jit
@@ -196,7 +196,7 @@ def quantize_row_q3_K(x, qw, out):
     for i in range(x.shape[0] // QK_K):
         xs = x[i * QK_K:(i + 1) * QK_K]
         if qw.shape[0] > 0:  # quantize_row_q3_K_impl
-            sigma2 = F(2.0) * _sum_squares(xs) / F(QK_K)
+            sigma2 = F(2.0) * sum_squares(xs) / F(QK_K)
             for j in range(QK_K // 16):
                 for l in range(16):
                     weight[l] = qw[i * QK_K + 16 * j + l] * np.sqrt(sigma2 + xs[16 * j + l] * xs[16 * j + l])
@@ -209,11 +209,11 @@ def quantize_row_q3_K(x, qw, out):
             for j in range(QK_K // 16):
                 scales[j] = make_q3_quants(16, 4, xs[16 * j:], L[16 * j:], True)
         o = i * Q3_BYTES
-        _q3_K_finish(xs, L, out, o, _q3_K_scales(qw.shape[0] > 0, scales, sw, out, o))
+        _q3_K_finish(xs, L, out, o, q3_K_scales(qw.shape[0] > 0, scales, sw, out, o))
 
 
 @jit
-def _q3_K_scales(has_qw, scales, sw, out, o):
+def q3_K_scales(has_qw, scales, sw, out, o):
     """A super-block's sub-block scales, quantized and stored; returns the super-scale (as stored)."""
     for j in range(12):
         out[o + Q3_SC + j] = 0
@@ -273,7 +273,7 @@ def _qk_scales(x, qw, out, o, at_d, at_dmin, at_sc, nmax, L):
     mins = np.empty(QK_K // 32, dtype=np.float32)
     sw = np.empty(QK_K // 32, dtype=np.float32)
     if qw.shape[0] > 0:  # quantize_row_q{4,5}_K_impl
-        sigma2 = F(2.0) * _sum_squares(x) / F(QK_K)
+        sigma2 = F(2.0) * sum_squares(x) / F(QK_K)
         for j in range(QK_K // 32):
             for l in range(32):
                 weights[l] = qw[32 * j + l] * np.sqrt(sigma2 + x[32 * j + l] * x[32 * j + l])
@@ -297,11 +297,11 @@ def _qk_scales(x, qw, out, o, at_d, at_dmin, at_sc, nmax, L):
             else:
                 scales[j], mins[j] = make_qkx2_quants(32, 31, x[32 * j:], weights, L[32 * j:], Laux, F(-0.5),
                                                       F(0.1), 15, False)
-    _qk_store(x, qw.shape[0] > 0, scales, mins, sw, out, o, at_d, at_dmin, at_sc, nmax, L)
+    qk_store(x, qw.shape[0] > 0, scales, mins, sw, out, o, at_d, at_dmin, at_sc, nmax, L)
 
 
 @jit
-def _qk_store(x, has_qw, scales, mins, sw, out, o, at_d, at_dmin, at_sc, nmax, L):
+def qk_store(x, has_qw, scales, mins, sw, out, o, at_d, at_dmin, at_sc, nmax, L):
     """The sub-block scales and mins quantized and stored; then requantize L with them."""
     if has_qw:  # quantize_row_q{4,5}_K_impl
         Ls = np.empty(QK_K // 32, dtype=np.uint8)
@@ -351,11 +351,11 @@ def quantize_row_q4_K(x, qw, out):
         o = i * Q4_BYTES
         xs = x[i * QK_K:(i + 1) * QK_K]
         _qk_scales(xs, qw[i * QK_K:(i + 1) * QK_K], out, o, Q4_D, Q4_DMIN, Q4_SC, 15, L)
-        _q4_K_pack(L, out, o)
+        q4_K_pack(L, out, o)
 
 
 @jit
-def _q4_K_pack(L, out, o):
+def q4_K_pack(L, out, o):
     for j in range(0, QK_K, 64):
         for l in range(32):
             out[o + Q4_QS + j // 2 + l] = u8(I(L[j + l]) | (I(L[j + l + 32]) << 4))
@@ -404,11 +404,11 @@ def quantize_row_q6_K(x, qw, out):
             # _impl passes the importance itself as the weights; _ref passes NULL (weights x^2)
             qwb = qw[i * QK_K + 16 * ib:i * QK_K + 16 * (ib + 1)]
             scales[ib] = make_qx_quants(16, 32, xs[16 * ib:], L[16 * ib:], 1, qwb)
-        _q6_K_store(xs, scales, L, out, i * Q6_BYTES)
+        q6_K_store(xs, scales, L, out, i * Q6_BYTES)
 
 
 @jit
-def _q6_K_store(xs, scales, L, out, o):
+def q6_K_store(xs, scales, L, out, o):
     """A super-block's sub-block scales, quantized and stored; then its levels."""
     max_scale = F(0.0)
     max_abs_scale = F(0.0)

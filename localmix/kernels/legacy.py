@@ -52,7 +52,7 @@ def _min_max(xb):
 
 
 @jit
-def _sigma2(x):
+def row_sigma2(x):
     """Mean square of the whole row: the _impl functions' sigma2."""
     sum_x2 = F(0.0)
     for j in range(x.shape[0]):
@@ -67,13 +67,13 @@ def _importance(xb, qwb, sigma2, weight):
 
 
 @jit
-def _put_nibbles(out, at, L):
+def put_nibbles(out, at, L):
     for j in range(QK // 2):
         out[at + j] = u8(I(L[j]) | (I(L[j + QK // 2]) << 4))
 
 
 @jit
-def _put_5bit(out, at_qh, at_qs, L):
+def put_5bit(out, at_qh, at_qs, L):
     """Low nibbles in qs, the fifth bits in the 32-bit little-endian qh."""
     qh = 0
     for j in range(QK // 2):
@@ -92,7 +92,7 @@ def quantize_row_q4_0(x, qw, out):
     L = np.empty(QK, dtype=np.int64)
     Li = np.empty(QK, dtype=np.int8)  # make_qx_quants' int8_t levels
     weight = np.empty(QK, dtype=np.float32)
-    sigma2 = _sigma2(x) if qw.shape[0] > 0 else F(0.0)
+    sigma2 = row_sigma2(x) if qw.shape[0] > 0 else F(0.0)
     for ib in range(nb):
         xb = x[ib * QK:(ib + 1) * QK]
         o = ib * Q4_0_BYTES
@@ -108,7 +108,7 @@ def quantize_row_q4_0(x, qw, out):
             put_f16(out, o + Q4_0_D, d)
             for j in range(QK):
                 L[j] = u8(min(15, i8(f32_to_int(xb[j] * iscale + F(8.5)))))
-        _put_nibbles(out, o + Q4_0_QS, L)
+        put_nibbles(out, o + Q4_0_QS, L)
 
 
 @jit
@@ -117,7 +117,7 @@ def quantize_row_q4_1(x, qw, out):
     L = np.empty(QK, dtype=np.uint8)
     Laux = np.empty(QK, dtype=np.uint8)
     weight = np.empty(QK, dtype=np.float32)
-    sigma2 = _sigma2(x) if qw.shape[0] > 0 else F(0.0)
+    sigma2 = row_sigma2(x) if qw.shape[0] > 0 else F(0.0)
     for ib in range(nb):
         xb = x[ib * QK:(ib + 1) * QK]
         o = ib * Q4_1_BYTES
@@ -134,7 +134,7 @@ def quantize_row_q4_1(x, qw, out):
             put_f16(out, o + Q4_1_M, vmin)
             for j in range(QK):
                 L[j] = u8(min(15, i8(f32_to_int((xb[j] - vmin) * iscale + F(0.5)))))
-        _put_nibbles(out, o + Q4_1_QS, L)
+        put_nibbles(out, o + Q4_1_QS, L)
 
 
 @jit
@@ -143,7 +143,7 @@ def quantize_row_q5_0(x, qw, out):
     L = np.empty(QK, dtype=np.int64)
     Li = np.empty(QK, dtype=np.int8)  # make_qx_quants' int8_t levels
     weight = np.empty(QK, dtype=np.float32)
-    sigma2 = _sigma2(x) if qw.shape[0] > 0 else F(0.0)
+    sigma2 = row_sigma2(x) if qw.shape[0] > 0 else F(0.0)
     for ib in range(nb):
         xb = x[ib * QK:(ib + 1) * QK]
         o = ib * Q5_0_BYTES
@@ -159,7 +159,7 @@ def quantize_row_q5_0(x, qw, out):
             put_f16(out, o + Q5_0_D, d)
             for j in range(QK):
                 L[j] = u8(min(31, i8(f32_to_int(xb[j] * iscale + F(16.5)))))
-        _put_5bit(out, o + Q5_0_QH, o + Q5_0_QS, L)
+        put_5bit(out, o + Q5_0_QH, o + Q5_0_QS, L)
 
 
 @jit
@@ -168,7 +168,7 @@ def quantize_row_q5_1(x, qw, out):
     L = np.empty(QK, dtype=np.uint8)
     Laux = np.empty(QK, dtype=np.uint8)
     weight = np.empty(QK, dtype=np.float32)
-    sigma2 = _sigma2(x) if qw.shape[0] > 0 else F(0.0)
+    sigma2 = row_sigma2(x) if qw.shape[0] > 0 else F(0.0)
     for ib in range(nb):
         xb = x[ib * QK:(ib + 1) * QK]
         o = ib * Q5_1_BYTES
@@ -185,7 +185,7 @@ def quantize_row_q5_1(x, qw, out):
             put_f16(out, o + Q5_1_M, vmin)
             for j in range(QK):
                 L[j] = u8(f32_to_int((xb[j] - vmin) * iscale + F(0.5)))
-        _put_5bit(out, o + Q5_1_QH, o + Q5_1_QS, L)
+        put_5bit(out, o + Q5_1_QH, o + Q5_1_QS, L)
 
 
 @jit

@@ -38,7 +38,7 @@ from localmix.convert.fit import Curve, candidate_types, fit_tensors
 from localmix.kernels import QType
 from localmix.kernels.matmul import dequantize_rows
 from localmix.native.model import KVCache, block, linear, rms_norm
-from localmix.native.stats import _Collector
+from localmix.native.stats import Collector
 from localmix.native.weights import Tensor, Weights, load_weights, release
 from localmix.runtime.vocab import open_vocab
 
@@ -57,7 +57,7 @@ class Calibration:
     residuals: list[list[np.ndarray]]    # per window, the input (T, D) of every layer, then the final one
     log_probs: list[np.ndarray]          # per window (T, V) float32
     probs: list[np.ndarray]              # their exp, (T, V)
-    activations: _Collector              # sums of squared inputs per product (per expert), token counts
+    activations: Collector              # sums of squared inputs per product (per expert), token counts
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -112,7 +112,7 @@ def calibrate(w: Weights, windows: list[list[int]]) -> Calibration:
     """The reference pass, layer by layer over all windows (each window's statistics are
     accumulated in window order, as a window-by-window pass would), each layer's pages given
     back once all windows are through it."""
-    collector = _Collector()
+    collector = Collector()
     caches = [KVCache.empty(w.hp, len(tokens)) for tokens in windows]
     xs = [dequantize_rows(w.token_embd.data[np.asarray(tokens)], w.token_embd.qtype) for tokens in windows]
     residuals: list[list[np.ndarray]] = [[] for _ in windows]

@@ -25,7 +25,7 @@ from localmix.native.weights import load_weights
 from localmix.outfile import atomic_output
 
 
-class _Collector:
+class Collector:
     """A model observer that sums each product's squared inputs, per expert when stacked."""
 
     def __init__(self):
@@ -60,7 +60,7 @@ def compute_imatrix(path: str | Path, tokens: list[int], n_ctx: int = 512,
                          "give more text or a smaller context")
     bos = field_value(w.reader, "tokenizer.ggml.bos_token_id", 1)
     add_bos = field_value(w.reader, "tokenizer.ggml.add_bos_token", True)
-    collector = _Collector()
+    collector = Collector()
     cache = KVCache.empty(w.hp, n_ctx)
     for i in range(n_chunk):
         chunk = list(tokens[i * n_ctx:(i + 1) * n_ctx])

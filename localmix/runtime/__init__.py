@@ -1,7 +1,8 @@
 """Runtime: what running a GGUF takes, whichever engine runs it, and the llama.cpp engine.
 
-  stream.py     the engine interface: Sampling settings, Piece and Done events, the shared reply loop
-  llama.py      the llama.cpp engine
+  engine.py     the Engine protocol: what run, chat, serve and eval rely on
+  stream.py     the streaming events: Sampling settings, Piece and Done events, the shared reply loop
+  llama.py      the llama.cpp engine, and the one adapter to llama-cpp-python's private handles
   scheduler.py  N sequences decoded together through llama.cpp's batch API (no HTTP)
   log.py        llama.cpp's log: on stderr with --verbose, otherwise nowhere
   vocab.py      a GGUF's vocabulary as llama.cpp reads it

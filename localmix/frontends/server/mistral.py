@@ -10,6 +10,11 @@ SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost
                "unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity.")
 
 
+def safe_system(system: str | None) -> str:
+    """A system prompt with the guardrail prompt in front (`run` and `chat --safe`)."""
+    return SAFE_PROMPT + ("\n\n" + system if system else "")
+
+
 def with_safe_prompt(messages: list[dict], safe: bool) -> list[dict]:
     """The conversation with the guardrail prompt first in the system prompt, when `safe`."""
     if not safe:
