@@ -7,7 +7,7 @@ by one). Both readers are timed on the valid file and on the broken one, best of
 and llama.cpp opening the file with only its vocabulary (`Llama(vocab_only=True)`, which
 parses the whole header and the metadata). Prints the times and the speed ratio.
 
-    python benchmarks/bench_check.py [--repeat 5]
+    python benchmarks/bench_check.py [--repeat 5] [--report docs/benchmarks/bench_check.md]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from report import write_report
 
 from localmix.convert.pipeline import convert
 from localmix.errors import InputError
@@ -64,7 +65,9 @@ def llama_cpp_open(path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--report", type=Path, help="also write the table to this Markdown file (benchmarks/report.py)")
     args = ap.parse_args()
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = convert(make_tiny_checkpoint(tmp / "ckpt"), tmp / "tiny-Q8_0.gguf", "Q8_0").path
@@ -73,6 +76,10 @@ def main() -> None:
         for label, path in ((f"valid ({model.stat().st_size / 1e6:.0f} MB)", model), ("scores length 2**60", bad)):
             ours, theirs = best(lambda: localmix_check(path), args.repeat), best(lambda: llama_cpp_open(path), args.repeat)
             print(f"{label:28} {ours * 1e3:8.1f} ms {theirs * 1e3:8.1f} ms {theirs / ours:6.2f}x")
+            rows.append([label, f"{ours * 1e3:.1f} ms", f"{theirs * 1e3:.1f} ms", f"{theirs / ours:#.3g}x"])
+    if args.report:
+        write_report(args.report, [(f"best of {args.repeat}; speed ratio: check_gguf's speed / llama.cpp's",
+                                    ["file", "check_gguf", "llama.cpp", "speed ratio"], rows)])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ llama.cpp does the same job in the same run and the ratio is printed: for F32/F1
 its converter alone; for K-quants its two passes, the converter to F32 and then
 `llama_model_quantize`.
 
-    python benchmarks/bench_convert.py [--types Q4_K_M,F16] [--reference .../convert_hf_to_gguf.py]
+    python benchmarks/bench_convert.py [--types Q4_K_M,F16] [--reference .../convert_hf_to_gguf.py] [--report FILE.md]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from child_memory import GiB, Measured, measure
+from report import write_report
 
 from localmix.convert.mix import CONVERTER_TYPES
 from localmix.fixtures.tiny import make_tiny_checkpoint
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "localmix-bench")
     ap.add_argument("--types", default="Q4_K_M,Q3_K_M,F16,Q8_0")
     ap.add_argument("--reference", type=Path, help="llama.cpp's convert_hf_to_gguf.py, to compare with")
+    ap.add_argument("--report", type=Path, help="also write the table to this Markdown file (benchmarks/report.py)")
     args = ap.parse_args()
 
     src = args.dir / "mixtral-8x7b-widths-1-layer"
@@ -55,12 +57,15 @@ def main() -> None:
         make_tiny_checkpoint(src, **WIDTHS)
         print(f"built {src} in {time.perf_counter() - t:.0f} s")
     src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-    print(f"source: {src_bytes / 1e9:.2f} GB bf16, {os.cpu_count()} CPUs")
+    source = f"source: {src_bytes / 1e9:.2f} GB bf16, {os.cpu_count()} CPUs"
+    print(source)
     print(f"{'type':6} {'tool':10} {'seconds':>8} {'out MB/s':>9}  peak RSS")
+    rows = []
 
     for file_type in args.types.split(","):
         out = args.dir / f"out-{file_type}.gguf"
         results: dict[str, tuple[Measured, int]] = {}
+        two_passes = ""
         m = measure([sys.executable, "-m", "localmix", "quantize", str(src), str(out), "--type", file_type, "--force"])
         results["localmix"] = m, out.stat().st_size
         out.unlink()
@@ -79,15 +84,24 @@ def main() -> None:
             worse = max(m1, m2, key=lambda m: m.peak)
             results["llama.cpp"] = Measured(m1.seconds + m2.seconds, worse.peak, worse.peak_anon, worse.peak_file), \
                 out.stat().st_size
+            two_passes = f" (converter {m1.seconds:.1f} + quantizer {m2.seconds:.1f})"
             print(f"{file_type:6} llama.cpp: converter {m1.seconds:.1f} s, {m1}; quantizer {m2.seconds:.1f} s, {m2}")
             out.unlink()
             f32.unlink()
         for tool, (m, size) in results.items():
             print(f"{file_type:6} {tool:10} {m.seconds:8.1f} {size / 1e6 / m.seconds:9.0f}  {m}")
+        ours = results["localmix"][0]
         if "llama.cpp" in results:
-            ours, theirs = results["localmix"][0], results["llama.cpp"][0]
+            theirs = results["llama.cpp"][0]
             print(f"{file_type:6} ratio: localmix is {theirs.seconds / ours.seconds:.2f}x llama.cpp's speed, with "
                   f"{ours.peak / theirs.peak:.2f}x its peak memory ({ours.peak / GiB:.2f} / {theirs.peak / GiB:.2f} GiB)")
+            rows.append([file_type, f"{ours.seconds:.1f} s", f"{theirs.seconds:.1f} s{two_passes}",
+                         f"{theirs.seconds / ours.seconds:.2f}x", str(ours), str(theirs)])
+        else:
+            rows.append([file_type, f"{ours.seconds:.1f} s", "", "", str(ours), ""])
+    if args.report:
+        write_report(args.report, [(source, ["type", "localmix", "llama.cpp", "speed ratio", "peak RSS localmix",
+                                             "peak RSS llama.cpp"], rows)])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ machine for each file: the bytes one decoded token must read (every non-expert w
 chosen 2 of 8 experts of each layer, one embedding row) over the measured copy bandwidth,
 and the fraction of that limit each engine reaches.
 
-    python benchmarks/bench_engine.py [--threads 2] [--dir /tmp/localmix-engine-bench]
+    python benchmarks/bench_engine.py [--threads 2] [--dir /tmp/localmix-engine-bench] [--report FILE.md]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from report import write_report
 
 PROMPT = ("[INST] Explain, in a few paragraphs, how a mixture-of-experts language model routes each token "
           "to two of its eight experts, and why that makes it cheaper to run than a dense model. [/INST]")
@@ -61,7 +62,8 @@ def run(engine, prompt: list[int], tokens: int) -> tuple[float, float]:
     return done.prompt_tps, done.generate_tps
 
 
-def bench(path: Path, threads: int, tokens: int, bandwidth: float) -> None:
+def bench(path: Path, threads: int, tokens: int, bandwidth: float) -> list[str]:
+    """Print both engines' speeds on `path`; return them as a row of the report's table."""
     from localmix.native.engine import NativeEngine
     from localmix.runtime.llama import LlamaCppEngine
 
@@ -76,10 +78,14 @@ def bench(path: Path, threads: int, tokens: int, bandwidth: float) -> None:
         engine = make()
         prompt = [1] + engine.tokenize(PROMPT)
         prefill, decode = run(engine, prompt, tokens)
-        results[name] = decode
+        results[name] = prefill, decode
         print(f"{name:<10} {prefill:12.1f} {decode:11.2f} {decode / limit:8.0%}")
         del engine
-    print(f"ratio native / llama.cpp decode: {results['native'] / results['llama.cpp']:.2f}")
+    (native_prefill, native), (llama_prefill, llama) = results["native"], results["llama.cpp"]
+    print(f"ratio native / llama.cpp decode: {native / llama:.2f}")
+    return [f"{path.name}, {path.stat().st_size / 1e9:.2f} GB", f"{per_token / 1e6:.0f} MB", f"{limit:.1f} t/s",
+            f"{native_prefill:.1f} / {native:.2f} t/s ({native / limit:.0%})",
+            f"{llama_prefill:.1f} / {llama:.2f} t/s ({llama / limit:.0%})", f"{native / llama:.2f}"]
 
 
 def main() -> None:
@@ -88,6 +94,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--types", default="Q4_K_M,Q3_K_M")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/localmix-engine-bench"))
+    ap.add_argument("--report", type=Path, help="also write the table to this Markdown file (benchmarks/report.py)")
     args = ap.parse_args()
     os.environ.setdefault("NUMBA_NUM_THREADS", str(args.threads))
 
@@ -97,7 +104,9 @@ def main() -> None:
 
     args.dir.mkdir(parents=True, exist_ok=True)
     bandwidth = copy_bandwidth()
-    print(f"{os.cpu_count()} cores, {args.threads} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s (np.copyto, read side)")
+    setup = f"{os.cpu_count()} cores, {args.threads} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s (np.copyto, read side)"
+    print(setup)
+    rows = []
     tiny = make_tiny_checkpoint(args.dir / "tiny-mixtral")
     for file_type in args.types.split(","):
         files = [args.dir / f"tiny-mixtral-{file_type}.gguf", args.dir / f"mixtral-8x7b-4-layers-{file_type}.gguf"]
@@ -106,7 +115,11 @@ def main() -> None:
         if not files[1].exists():
             synth("mixtral-8x7b", file_type, files[1], n_layers=4)
         for f in files:
-            bench(f, args.threads, args.tokens, bandwidth)
+            rows.append(bench(f, args.threads, args.tokens, bandwidth))
+    if args.report:
+        write_report(args.report, [(f"{setup}; {args.tokens} greedy tokens; (x%): of the bandwidth limit",
+                                    ["file", "per decoded token", "bandwidth limit", "native prefill / decode",
+                                     "llama.cpp prefill / decode", "decode ratio"], rows)])
 
 
 if __name__ == "__main__":

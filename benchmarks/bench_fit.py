@@ -14,7 +14,8 @@ m + d * q again, so Q4_1 would store them again almost without loss, a gain no r
 offers. The fit therefore never picks the type its source was quantized to (Q4_1 for SmolLM2;
 --exclude to choose others); llama.cpp's mixes do not use Q4_1.
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_fit.py [--models smollm2,tiny] [--ctx 256] [--held-out GPL-2]
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_fit.py [--models smollm2,tiny] [--ctx 256] [--held-out GPL-2] \
+        [--report FILE.md]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from gguf import GGUFReader
 from llama_quantize import llama_model_quantize
+from report import write_report
 
 from localmix.convert.fit import Curve, solve
 from localmix.convert.pipeline import convert
@@ -82,7 +84,8 @@ def _without(curves: list[Curve], excluded: list[str]) -> list[Curve]:
 
 
 def run(name: str, f32: Path, src: Path, d: Path, ctx: int, remeasure: bool, held_out: list[str],
-        excluded: list[str]) -> None:
+        excluded: list[str]) -> list[list[str]]:
+    """Print the comparison for one model; return it as rows of the report's table."""
     print(f"{name}: held-out text {', '.join(held_out)}; never fitted to: {', '.join(excluded) or 'nothing'}")
     ref = d / f"{name}-heldout-{'+'.join(held_out)}-{ctx}.kld"
     if not ref.exists():
@@ -91,6 +94,7 @@ def run(name: str, f32: Path, src: Path, d: Path, ctx: int, remeasure: bool, hel
         scorer.close()
     curves = _without(_curves(f32, d / f"{name}-curves.json", remeasure), excluded)
     source = open_source(src)
+    rows = []
     for file_type in ("Q3_K_M", "IQ3_M"):
         if file_type == "IQ3_M" and getattr(QType, "IQ3_S", None) not in KERNELS:
             print("  IQ3_M: skipped (no i-quant kernels in this localmix yet)")
@@ -109,13 +113,21 @@ def run(name: str, f32: Path, src: Path, d: Path, ctx: int, remeasure: bool, hel
             kld[label] = evaluate(scorer, ref)
             scorer.close()
         a, b = kld["llama.cpp"], kld["fit"]
+        fitted, same = ours.stat().st_size, _same_bytes(ours, check)
         print(f"  {file_type}: llama.cpp {size / 2**20:.2f} MiB, KLD {a.kld_mean:.5f} ± {a.kld_err:.5f}, "
               f"same top {100 * a.same_top:.1f}%")
-        print(f"  {file_type}: fit       {ours.stat().st_size / 2**20:.2f} MiB, KLD {b.kld_mean:.5f} ± {b.kld_err:.5f}, "
-              f"same top {100 * b.same_top:.1f}%  (within budget: {ours.stat().st_size <= size}, "
-              f"llama_model_quantize same bytes: {_same_bytes(ours, check)})")
+        print(f"  {file_type}: fit       {fitted / 2**20:.2f} MiB, KLD {b.kld_mean:.5f} ± {b.kld_err:.5f}, "
+              f"same top {100 * b.same_top:.1f}%  (within budget: {fitted <= size}, "
+              f"llama_model_quantize same bytes: {same})")
         print(f"  {file_type}: fitted KLD / llama.cpp's = {b.kld_mean / a.kld_mean:.3f} "
               f"({100 * (1 - b.kld_mean / a.kld_mean):.1f}% lower)")
+        rows.append([name, f"llama.cpp {file_type}", f"{size / 2**20:.2f} MiB", f"{a.kld_mean:.5f} ± {a.kld_err:.5f}",
+                     f"{100 * a.same_top:.1f}%", ""])
+        rows.append([name, "fitted" + (f", no {', '.join(excluded)}" if excluded else ""), f"{fitted / 2**20:.2f} MiB",
+                     f"{b.kld_mean:.5f} ± {b.kld_err:.5f}", f"{100 * b.same_top:.1f}%",
+                     f"**{b.kld_mean / a.kld_mean:.3f}** ({100 * (1 - b.kld_mean / a.kld_mean):.0f}% lower; within "
+                     f"budget: {fitted <= size}; llama_model_quantize same bytes: {same})"])
+    return rows
 
 
 def main() -> None:
@@ -126,20 +138,26 @@ def main() -> None:
     ap.add_argument("--remeasure", action="store_true")
     ap.add_argument("--held-out", default=",".join(HELD_OUT), help="texts of /usr/share/common-licenses to score")
     ap.add_argument("--exclude", help="types the fit may not pick [default: the type the model came in]")
+    ap.add_argument("--report", type=Path, help="also write the table to this Markdown file (benchmarks/report.py)")
     args = ap.parse_args()
+    rows = []
     held_out = args.held_out.split(",")
     args.dir.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
         excluded = args.exclude.split(",") if args.exclude is not None else SOURCE_TYPE[name]
         if name == "smollm2":
             f32 = make_smollm2_f32(args.dir / "smollm2-F32.gguf")
-            run(name, f32, f32, args.dir, args.ctx, args.remeasure, held_out, excluded)
+            rows += run(name, f32, f32, args.dir, args.ctx, args.remeasure, held_out, excluded)
         elif name == "tiny":
             src = make_tiny_checkpoint(args.dir / "tiny-mixtral")
             f32 = args.dir / "tiny-F32.gguf"
             if not f32.exists():
                 convert(src, f32, "F32")
-            run(name, f32, src, args.dir, args.ctx, args.remeasure, held_out, excluded)
+            rows += run(name, f32, src, args.dir, args.ctx, args.remeasure, held_out, excluded)
+    if args.report:
+        write_report(args.report, [(f"held-out text {', '.join(held_out)}, windows of {args.ctx}; calibration "
+                                    f"{', '.join(CALIBRATION)}", ["model", "file", "size", "mean KLD", "same top p",
+                                                                  "fitted / llama.cpp"], rows)])
 
 
 if __name__ == "__main__":

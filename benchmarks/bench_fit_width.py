@@ -10,7 +10,8 @@ uses) is quantized in three processes, one after the other, each measured alone
 The sensitivity pass is what 3 costs beyond 1 and 2; it is printed as a multiple of the plain
 conversion's time (the goal: at most 3x), and 3's peak resident memory (the goal: under 2 GiB).
 
-    OPENBLAS_NUM_THREADS=1 nice -n 10 python benchmarks/bench_fit_width.py [--dir DIR] [--src CHECKPOINT] [--type Q3_K_M]
+    OPENBLAS_NUM_THREADS=1 nice -n 10 python benchmarks/bench_fit_width.py [--dir DIR] [--src CHECKPOINT] [--type Q3_K_M] \
+        [--report FILE.md]
 
 (--src: a checkpoint bench_convert.py built elsewhere, only read; the files are written in --dir.)
 """
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_convert import WIDTHS
 from child_memory import GiB, measure
+from report import write_report
 
 from localmix.fixtures.tiny import make_tiny_checkpoint
 
@@ -39,6 +41,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "localmix-bench")
     ap.add_argument("--src", type=Path, help="the one-layer checkpoint, if built elsewhere")
     ap.add_argument("--type", default="Q3_K_M")
+    ap.add_argument("--report", type=Path, help="also write the table to this Markdown file (benchmarks/report.py)")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     src = args.src or args.dir / "mixtral-8x7b-widths-1-layer"
@@ -46,8 +49,8 @@ def main() -> None:
         t = time.perf_counter()
         make_tiny_checkpoint(src, **WIDTHS)
         print(f"built {src} in {time.perf_counter() - t:.0f} s")
-    print(f"source: {sum(f.stat().st_size for f in src.glob('*.safetensors')) / 1e9:.2f} GB bf16, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    source = f"source: {sum(f.stat().st_size for f in src.glob('*.safetensors')) / 1e9:.2f} GB bf16"
+    print(f"{source}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     localmix = [sys.executable, "-m", "localmix", "quantize", str(src)]
     plain, f32, fitted = (args.dir / f"width-{n}.gguf" for n in (args.type, "F32", f"{args.type}-fit"))
 
@@ -62,14 +65,18 @@ def main() -> None:
     fitted.unlink()
 
     sensitivity = m_fit.seconds - m_plain.seconds - m_f32.seconds
+    rows = [[f"plain {args.type}", m_plain], ["F32 copy", m_f32], [f"--fit {budget}", m_fit]]
     print(f"{'run':24} {'seconds':>8}  peak RSS")
-    print(f"{'plain ' + args.type:24} {m_plain.seconds:8.1f}  {m_plain}")
-    print(f"{'F32 copy':24} {m_f32.seconds:8.1f}  {m_f32}")
-    print(f"{'--fit ' + str(budget):24} {m_fit.seconds:8.1f}  {m_fit}")
-    print(f"fitted file {size / 2**20:.1f} MiB, within the budget of {budget / 2**20:.1f} MiB: {size <= budget}")
-    print(f"sensitivity pass ~ {sensitivity:.1f} s = {sensitivity / m_plain.seconds:.2f}x the plain conversion "
-          f"(with the F32 copy: {(sensitivity + m_f32.seconds) / m_plain.seconds:.2f}x); "
-          f"--fit peak {m_fit.peak / GiB:.2f} GiB ({'under' if m_fit.peak < 2 * GiB else 'over'} 2 GiB)")
+    for label, m in rows:
+        print(f"{label:24} {m.seconds:8.1f}  {m}")
+    summary = [f"fitted file {size / 2**20:.1f} MiB, within the budget of {budget / 2**20:.1f} MiB: {size <= budget}",
+               f"sensitivity pass ~ {sensitivity:.1f} s = {sensitivity / m_plain.seconds:.2f}x the plain conversion "
+               f"(with the F32 copy: {(sensitivity + m_f32.seconds) / m_plain.seconds:.2f}x); "
+               f"--fit peak {m_fit.peak / GiB:.2f} GiB ({'under' if m_fit.peak < 2 * GiB else 'over'} 2 GiB)"]
+    print("\n".join(summary))
+    if args.report:
+        write_report(args.report, [(source, ["run", "seconds", "peak RSS"],
+                                    [[label, f"{m.seconds:.1f}", m] for label, m in rows])], notes="\n\n".join(summary))
 
 
 if __name__ == "__main__":

@@ -8,18 +8,20 @@ random bytes with sane FP16 scales (speed does not depend on the values), in eno
 spill the caches as a model's experts do; each figure is the best of several runs (the
 machine is shared).
 
-    python benchmarks/bench_kernels.py [--types Q4_K,Q6_K] [--prefill-t 64] [--repeat 5]
+    python benchmarks/bench_kernels.py [--types Q4_K,Q6_K] [--prefill-t 64] [--repeat 5] [--report FILE.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES
 from numba import njit, prange
+from report import write_report
 
 from localmix.kernels import QType, quantize, row_nbytes
 from localmix.kernels.matmul import matmul, matmul_ref
@@ -80,11 +82,14 @@ def main() -> None:
     ap.add_argument("--prefill-t", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-ref", action="store_true", help="skip dequantize + BLAS (slow)")
+    ap.add_argument("--report", type=Path, help="also write the table to this Markdown file (benchmarks/report.py)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     copy, read = bandwidth(args.repeat)
-    print(f"{numba.get_num_threads()} threads; np.copyto 1 GiB: {copy / 1e9:.1f} GB/s copied; "
-          f"parallel read 1 GiB: {read / 1e9:.1f} GB/s")
+    setup = (f"{numba.get_num_threads()} threads; np.copyto 1 GiB: {copy / 1e9:.1f} GB/s copied; "
+             f"parallel read 1 GiB: {read / 1e9:.1f} GB/s")
+    print(setup)
+    rows = []
     runs = [(name, shape, QType[t]) for t in args.types.split(",") for name, shape in SHAPES.items()] + [OUTPUT]
     print(f"{'type':5} {'shape':8} {'N x K':>12} {'MB':>6} | {'decode ms':>9} {'GB/s':>6} {'of read':>7} | "
           f"{'T':>3} {'GFLOP/s':>7} {'deq+BLAS':>8}")
@@ -101,7 +106,13 @@ def main() -> None:
         ref = "" if args.no_ref else f"{flop / best(lambda: matmul_ref(xt, pool[0], qtype), 1) / 1e9:8.1f}"
         print(f"{qtype.name:5} {name:8} {n:>6}x{k:<5} {nbytes / 1e6:6.1f} | {t1 * 1e3:9.2f} {nbytes / t1 / 1e9:6.1f} "
               f"{nbytes / t1 / read:7.0%} | {args.prefill_t:3} {flop / tp / 1e9:7.1f} {ref}", flush=True)
+        rows.append([qtype.name, name, f"{n}x{k}", f"{nbytes / 1e6:.1f}", f"{t1 * 1e3:.2f}", f"{nbytes / t1 / 1e9:.1f}",
+                     f"{nbytes / t1 / read:.0%}", f"{flop / tp / 1e9:.1f}", ref.strip()])
         pool = None  # free the copies before the next shape
+    if args.report:
+        write_report(args.report, [(f"{setup}; prefill T = {args.prefill_t}, best of {args.repeat}",
+                                    ["type", "shape", "N x K", "MB", "decode ms", "GB/s", "of read", "prefill GFLOP/s",
+                                     "dequantize + BLAS GFLOP/s"], rows)])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ without one and a comparison is fair only if all types get it; `--no-imatrix` le
 (IQ3_XXS then skipped). Prints a table (size, bits per weight, PPL, mean KLD with its error,
 same top p) and whether the mean KLDs fall in the expected order, saying where they do not.
 
-    python benchmarks/bench_kld_types.py [--ctx 256] [--types Q2_K,IQ3_XXS,...] [--no-imatrix] [--held-out GPL-2]
+    python benchmarks/bench_kld_types.py [--ctx 256] [--types Q2_K,IQ3_XXS,...] [--no-imatrix] [--held-out GPL-2] \
+        [--report FILE.md]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from gguf import GGUFReader
+from report import write_report
 
 from localmix.convert.mix import FILE_TYPES
 from localmix.convert.pipeline import convert
@@ -40,6 +42,7 @@ def main() -> None:
     ap.add_argument("--types", default=",".join(ORDER))
     ap.add_argument("--no-imatrix", action="store_true")
     ap.add_argument("--held-out", default=",".join(HELD_OUT), help="texts of /usr/share/common-licenses to score")
+    ap.add_argument("--report", type=Path, help="also write the table to this Markdown file (benchmarks/report.py)")
     args = ap.parse_args()
     held_out = args.held_out.split(",")
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +69,8 @@ def main() -> None:
         s = evaluate(scorer, ref)
         scorer.close()
         rows.append((t, path.stat().st_size, s))
-    print(f"importance matrix: {imatrix or 'none'}; held-out text: {', '.join(held_out)}")
+    setup = f"importance matrix: {imatrix or 'none'}; held-out text: {', '.join(held_out)}; windows of {args.ctx}"
+    print(setup)
     print(f"{'type':8} {'size MiB':>9} {'bpw':>6} {'PPL':>9} {'mean KLD':>18} {'same top':>9}")
     for t, size, s in rows:
         print(f"{t:8} {size / 2**20:9.2f} {8 * size / n_params:6.2f} {s.ppl:9.3f} "
@@ -74,7 +78,13 @@ def main() -> None:
     klds = [s.kld_mean for _, _, s in rows]
     wrong = [f"{a[0]} {a[2].kld_mean:.5f} <= {b[0]} {b[2].kld_mean:.5f}"
              for a, b in zip(rows, rows[1:]) if a[2].kld_mean <= b[2].kld_mean]
-    print("order as expected" if klds == sorted(klds, reverse=True) else "order differs: " + "; ".join(wrong))
+    order = "order as expected" if klds == sorted(klds, reverse=True) else "order differs: " + "; ".join(wrong)
+    print(order)
+    if args.report:
+        write_report(args.report, [(setup, ["type", "size", "bits/weight", "PPL", "mean KLD", "same top p"],
+                                    [[t, f"{size / 2**20:.2f} MiB", f"{8 * size / n_params:.2f}", f"{s.ppl:.3f}",
+                                      f"{s.kld_mean:.5f} ± {s.kld_err:.5f}", f"{100 * s.same_top:.1f}%"]
+                                     for t, size, s in rows])], notes=order)
 
 
 if __name__ == "__main__":

