@@ -105,12 +105,12 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; other than loopback needs --api-key."),
     port: int = typer.Option(8080, "--port", min=1, max=65535),
     parallel: int = typer.Option(1, "--parallel", "-np", min=1, max=64, help="Sequences decoded together in one batch."),
-    api_key: str = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' [env LOCALMIX_API_KEY]."),
-    cors: list[str] = typer.Option(None, "--cors", help="Allow browser pages of this origin (repeatable) [default: none]."),
+    api_key: str = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' \\[env LOCALMIX_API_KEY]."),
+    cors: list[str] = typer.Option(None, "--cors", help="Allow browser pages of this origin (repeatable) \\[default: none]."),
     allow_host: list[str] = typer.Option(None, "--allow-host", help="Accept this Host header too (repeatable)."),
     max_body: int = typer.Option(4 << 20, "--max-body", min=1024, help="Largest request body, in bytes."),
     queue: int = typer.Option(16, "--queue", min=0, help="Requests that may wait for a slot; more get 503."),
-    alias: str = typer.Option(None, "--alias", help="The model's name in the API [default: the file's stem]."),
+    alias: str = typer.Option(None, "--alias", help="The model's name in the API \\[default: the file's stem]."),
     load: Load = None, sampling: Sampling = None,
 ):
     """Serve the model over HTTP to OpenAI, ollama and Mistral clients (requests batched together)."""
@@ -159,8 +159,8 @@ def rm(spec: str = typer.Argument(..., help="REPO or REPO:QUANT_OR_FILE, as `loc
 
 @app.command()
 @options(load=LOAD.only("ctx", "vram", "ram", "n_cpu_moe").but(
-    ctx=8192, help_ctx="Context length to plan for.", help_ram="RAM to plan for [default: what is available now].",
-    help_vram="GPU memory to plan for, e.g. 24GiB [default: what llama.cpp's devices report].",
+    ctx=8192, help_ctx="Context length to plan for.", help_ram="RAM to plan for \\[default: what is available now].",
+    help_vram="GPU memory to plan for, e.g. 24GiB \\[default: what llama.cpp's devices report].",
     help_n_cpu_moe="Keep the experts of the first N layers on the CPU."))
 def plan(
     model: str = typer.Argument(..., help="A GGUF file, a pulled name, or a preset and type such as mixtral-8x7b:Q4_K_M "
@@ -196,7 +196,7 @@ app.command()(cli_files.synth)
 
 @app.command()
 def demo(
-    directory: Path = typer.Option(None, "--dir", help="Where to put the demo checkpoint and GGUF [default: ~/.cache/localmix/demo]."),
+    directory: Path = typer.Option(None, "--dir", help="Where to put the demo checkpoint and GGUF \\[default: ~/.cache/localmix/demo]."),
     tokens: int = typer.Option(24, "--tokens", min=1, help="How many tokens to generate (per reply in the chat)."),
 ):
     """Build a tiny random Mixtral checkpoint, convert it to GGUF and chat with it through llama.cpp.

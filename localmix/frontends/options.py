@@ -86,18 +86,18 @@ class Group:
 
 
 LOAD = Group(Load, {
-    "ctx": Flag(("--ctx",), "Context length in tokens [default: the model's, capped by memory].", Optional[int],
+    "ctx": Flag(("--ctx",), "Context length in tokens \\[default: the model's, capped by memory].", Optional[int],
                 {"min": 16}),
     "force": Flag(("--force",), "Load even when the model and context look too big for memory.", bool),
-    "vram": Flag(("--vram",), "Plan for this much GPU memory, e.g. 20GiB [default: what the GPU reports free].",
+    "vram": Flag(("--vram",), "Plan for this much GPU memory, e.g. 20GiB \\[default: what the GPU reports free].",
                  Optional[str]),
-    "ram": Flag(("--ram",), "Plan for this much RAM [default: what is available now].", Optional[str]),
+    "ram": Flag(("--ram",), "Plan for this much RAM \\[default: what is available now].", Optional[str]),
     "n_cpu_moe": Flag(("--n-cpu-moe",), "Keep the experts of the first N layers on the CPU "
-                      "[default: as few as the GPU needs].", Optional[int], {"min": 0}),
-    "gpu_layers": Flag(("--gpu-layers", "-ngl"), "llama.cpp's n_gpu_layers [default: the plan's].", Optional[int],
+                      "\\[default: as few as the GPU needs].", Optional[int], {"min": 0}),
+    "gpu_layers": Flag(("--gpu-layers", "-ngl"), "llama.cpp's n_gpu_layers \\[default: the plan's].", Optional[int],
                        {"min": 0}),
     "repack": Flag(("--repack/--no-repack",), "Let llama.cpp copy CPU weights into its repacked layouts: faster "
-                   "products, but read in full at load and resident instead of mapped [default: when RAM holds the "
+                   "products, but read in full at load and resident instead of mapped \\[default: when RAM holds the "
                    "file and the copy].", Optional[bool]),
     "engine": Flag(("--engine",), "llama.cpp, or native: localmix's own numpy forward (CPU).", str),
     "verbose": Flag(("--verbose", "-v"), "Show llama.cpp's log.", bool),
