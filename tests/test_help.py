@@ -10,9 +10,9 @@ import pytest
 import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from cli_docs import command_names, help_text  # noqa: E402
+from cli_docs import command_names, help_text
 
-from localmix.frontends.cli import app  # noqa: E402
+from localmix.frontends.cli import app
 
 WIDE = 400  # wide enough that no help text wraps
 
