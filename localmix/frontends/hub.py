@@ -21,8 +21,13 @@ Cache layout relied on (huggingface_hub `file_download.py`, `utils/_cache_manage
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
+import socket
+import sys
+import threading
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,6 +272,75 @@ def remove(spec: str) -> int:
 
 # ---- downloads -------------------------------------------------------------------------------
 
+PROBE_SECONDS = 3.0  # for the hub's name to resolve, and again for its port to answer
+
+
+def unreachable(endpoint: str, timeout: float = PROBE_SECONDS) -> str | None:
+    """Why the hub at `endpoint` cannot be reached, in a few words, or None when its port
+    answers: a name that does not resolve and a refused connection are not worth the client's
+    five retries (25 s). Behind a proxy (HTTPS_PROXY, ...) the proxy decides: None."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                        "all_proxy")):
+        return None
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    found: dict = {}
+
+    def lookup():  # getaddrinfo has no timeout of its own
+        try:
+            found["addresses"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            found["error"] = e
+
+    resolver = threading.Thread(target=lookup, daemon=True)
+    resolver.start()
+    resolver.join(timeout)
+    if "addresses" not in found:
+        return f"{host} does not resolve" if "error" in found else f"{host} did not resolve in {timeout:.0f} s"
+    error: OSError | None = None
+    for family, kind, proto, _, address in found["addresses"][:3]:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.settimeout(timeout)
+                s.connect(address)
+                return None
+        except OSError as e:
+            error = e
+    if isinstance(error, ConnectionRefusedError):
+        return f"{host}:{port} refused the connection"
+    return f"{host}:{port} does not answer ({getattr(error, 'strerror', None) or error})"
+
+
+class _RetryLine(logging.Filter):
+    """huggingface_hub's retry warnings ("'...' thrown while requesting GET URL", "Retrying in
+    8s [Retry 4/5].") as one status line on stderr, rewritten in place on a terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "thrown while requesting" in text:
+            return False
+        if text.startswith(("Retrying in", "Rate limited")):
+            end = "\r" if sys.stderr.isatty() else "\n"
+            sys.stderr.write(f"localmix: the download stalled; {text[0].lower()}{text[1:].rstrip('.')}{end}")
+            sys.stderr.flush()
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _retries_as_one_line():
+    hub_log, quiet = logging.getLogger("huggingface_hub"), _RetryLine()
+    hub_log.addFilter(quiet)
+    for handler in hub_log.handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        hub_log.removeFilter(quiet)
+        for handler in hub_log.handlers:
+            handler.removeFilter(quiet)
+
+
 def pull(spec: str, progress: bool = True) -> Path:
     """Download a model into the cache (resumably) and return its path; a cached one is returned as is.
 
@@ -275,8 +349,13 @@ def pull(spec: str, progress: bool = True) -> Path:
     repo, sel = parse_spec(spec)
     is_offline = offline()
     where = "in the local cache (HF_HUB_OFFLINE is set)" if is_offline else "on Hugging Face"
+    if not is_offline:
+        why = unreachable(constants.ENDPOINT)
+        if why:
+            raise OutputError(f"cannot reach Hugging Face to pull {spec}: {why}. Offline, `localmix ls` lists the "
+                              "models already downloaded, and they run by name")
     try:
-        with contextlib.nullcontext() if progress else disable_progress_bars():
+        with contextlib.nullcontext() if progress else disable_progress_bars(), _retries_as_one_line():
             if is_offline:
                 repo_info = _find_repo(_scan(), repo)
                 cached = _cached(repo_info) if repo_info else {}
