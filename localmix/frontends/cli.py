@@ -104,7 +104,8 @@ def serve(
     model: str = MODEL,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; other than loopback needs --api-key."),
     port: int = typer.Option(8080, "--port", min=1, max=65535),
-    parallel: int = typer.Option(1, "--parallel", "-np", min=1, max=64, help="Sequences decoded together in one batch."),
+    parallel: int = typer.Option(None, "--parallel", "-np", min=1, max=64, help="Sequences decoded together in one "
+                                 "batch \\[default: as many as memory leaves room for, up to 4]."),
     api_key: str = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' \\[env LOCALMIX_API_KEY]."),
     cors: list[str] = typer.Option(None, "--cors", help="Allow browser pages of this origin (repeatable) \\[default: none]."),
     allow_host: list[str] = typer.Option(None, "--allow-host", help="Accept this Host header too (repeatable)."),

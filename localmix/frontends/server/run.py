@@ -5,6 +5,7 @@ scheduler cancels what is left and frees llama.cpp's context).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -30,11 +31,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 8080, parallel: int = 1,
+AUTO_PARALLEL = (4, 3, 2)  # without --parallel: llama-server's automatic 4 sequences, or as many as fit
+
+
+def auto_parallel(path: Path, load: Load) -> tuple[int, Load]:
+    """Without --parallel: as many sequences as memory leaves room for, up to llama-server's
+    automatic 4, each with the context one sequence would get (--ctx, or the model's own capped
+    by memory). Returns the number and `load` with that context."""
+    from localmix.frontends.load import plan_engine
+
+    ctx, _, _ = plan_engine(path, load.ctx, load.force, load.vram, load.ram, load.n_cpu_moe)
+    load = dataclasses.replace(load, ctx=ctx)
+    for n in AUTO_PARALLEL:
+        try:
+            plan_engine(path, ctx, False, load.vram, load.ram, load.n_cpu_moe, sequences=n)
+            return n, load
+        except InputError:  # n KV caches of ctx tokens do not fit
+            continue
+    return 1, load
+
+
+def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 8080, parallel: int | None = None,
           queue: int = 16, chunk: int = 128, load: Load | None = None, allow_hosts: tuple[str, ...] = (),
           announce=print) -> None:
     """Serve the model at `path` on host:port until SIGINT/SIGTERM; `load` says how to open it
-    (the llama.cpp engine, `parallel` sequences of `load.ctx` tokens)."""
+    (the llama.cpp engine, `parallel` sequences of `load.ctx` tokens; None: `auto_parallel`)."""
     import uvicorn
 
     from localmix.frontends.server.app import build_app
@@ -44,7 +65,7 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
     if not is_loopback(host) and not options.api_key:
         raise InputError(f"--host {host} is reachable from other machines: set --api-key (or LOCALMIX_API_KEY) "
                          "to serve there, or keep the default 127.0.0.1")
-    if parallel < 1:
+    if parallel is not None and parallel < 1:
         raise InputError("--parallel must be at least 1")
     extra = {host.lower(), *(h.lower() for h in allow_hosts)}
     if not is_loopback(host) and host not in ("0.0.0.0", "::"):
@@ -54,6 +75,9 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
     from localmix.frontends.load import plan_engine
 
     load = load or Load()
+    chosen = parallel is None
+    if chosen:
+        parallel, load = auto_parallel(path, load)
     # --parallel KV caches that do not fit: an error now
     plan_engine(path, load.ctx, load.force, load.vram, load.ram, load.n_cpu_moe, sequences=parallel)
     try:  # a port in use is a clean error too
@@ -63,7 +87,7 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
     except OSError as e:
         raise InputError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
-    def load(state: State) -> None:
+    def load_model(state: State) -> None:
         from localmix.frontends.load import open_engine
         from localmix.runtime.scheduler import Scheduler
 
@@ -79,7 +103,8 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
     app = build_app(state)
     shown = f"[{host}]" if ":" in host else host
     announce(f"localmix serving {options.model_name} ({path}) at http://{shown}:{port}  "
-             f"(OpenAI: /v1, ollama: /api, {parallel} slot(s){', API key required' if options.api_key else ''})")
+             f"(OpenAI: /v1, ollama: /api, {parallel} slot(s){' (memory allows them; --parallel sets it)' if chosen else ''}"
+             f"{', API key required' if options.api_key else ''})")
     config = uvicorn.Config(app, host=host.strip("[]"), port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on")
     server = uvicorn.Server(config)
@@ -95,7 +120,7 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
         signal.signal(sig, stop)
     http.start()
     try:
-        load(state)
+        load_model(state)
     except Exception as e:  # shown on /health and in the log; the server keeps answering
         state.load_error = f"the model failed to load: {e}"
         logging.getLogger("localmix.server").error(state.load_error)
