@@ -7,6 +7,7 @@ The flow, a module a step:
   sources.py     a checkpoint or a float GGUF, seen the same way
   names.py       HF names -> GGUF names in one table, expert stacking, shape checks
   vocab.py       the SentencePiece vocabulary, special tokens and chat template
+  filetypes.py   the file types' names, importing nothing (the command line's --help)
   mix.py         a file type -> the type of every tensor (llama.cpp's mixes)
   imatrix.py     importance-matrix files (llama-imatrix's)
   fit.py         `quantize --fit`: the per-tensor types that lose least for a byte budget

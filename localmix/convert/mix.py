@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, LlamaFileType
 
+from localmix.convert.filetypes import NAMES
 from localmix.errors import InputError
 from localmix.kernels import QUANTIZABLE, QType
 
@@ -46,6 +47,7 @@ FILE_TYPES: dict[str, tuple[LlamaFileType, QType]] = {
     "IQ3_XS": (FT.MOSTLY_IQ3_XS, QType.IQ3_S),
     "IQ3_XXS": (FT.MOSTLY_IQ3_XXS, QType.IQ3_XXS),
 }
+assert tuple(FILE_TYPES) == NAMES, "filetypes.NAMES lists the types --help shows, in this order"
 CONVERTER_TYPES = ("F32", "F16", "BF16", "Q8_0")
 
 # A K-quant or i-quant whose 256-wide block does not fit a row falls back to a 32-wide type.

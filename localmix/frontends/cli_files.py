@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from localmix.convert.mix import FILE_TYPES
+from localmix.convert.filetypes import NAMES as FILE_TYPES
 from localmix.errors import InputError
 from localmix.frontends.options import LOAD
 
@@ -19,6 +19,9 @@ err = Console(stderr=True, highlight=False)
 
 def model_path(name: str) -> Path:
     """A path as given, or a model pulled earlier, found in the local Hugging Face cache."""
+    path = Path(name).expanduser()
+    if path.exists():  # a file: no need to import the hub's client (a third of a second)
+        return path
     from localmix.frontends.hub import resolve
 
     return resolve(name)

@@ -76,11 +76,11 @@ def plan_engine(path: str | Path, ctx: int | None = None, force: bool = False, v
                              f"compute {human_bytes(estimate.compute_bytes)}) but "
                              f"{human_bytes(max(ram_budget, 0))} of memory is available; lower --parallel or --ctx, "
                              "or pass --force")
-        return ctx, file_plan(path, ctx * sequences, None, ram_budget), device
+        return ctx, file_plan(path, ctx * sequences, None, ram_budget, summary=summary), device
     own = summary.context_length or 4096
     tries = [ctx] if ctx else [own] + [c for c in (16384, 8192, 4096, 2048) if c < own]
     for ctx in tries:
-        plan = file_plan(path, ctx * sequences, gpu_budget, ram_budget, device, n_cpu_moe)
+        plan = file_plan(path, ctx * sequences, gpu_budget, ram_budget, device, n_cpu_moe, summary=summary)
         if plan.fits:
             break
     if not plan.fits and not force:

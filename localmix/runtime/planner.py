@@ -152,11 +152,12 @@ def preset_plan(preset: str, file_type: str, n_ctx: int, gpu_budget: int | None,
 
 
 def file_plan(path, n_ctx: int, gpu_budget: int | None, ram_budget: int | None = None, device: str = "gpu",
-              n_cpu_moe: int | None = None) -> Plan:
-    """Plan for a GGUF file, from its tensor table alone (the weights are not read)."""
+              n_cpu_moe: int | None = None, summary=None) -> Plan:
+    """Plan for a GGUF file, from its tensor table alone (the weights are not read); `summary`
+    is the file's `check_gguf` when the caller has checked it already."""
     from localmix.gguf.check import check_gguf
 
-    s = check_gguf(path)
+    s = summary or check_gguf(path)
     dims = ModelDims(s.n_layer or 0, s.n_embd or 0, s.n_head or 0, s.n_head_kv or 0, s.head_dim or 0, s.n_vocab,
                      s.n_ff or 0, s.n_expert_used)
     return plan([(t.name, t.n_bytes) for t in s.tensors], dims, n_ctx, gpu_budget, ram_budget, device=device,
