@@ -1,5 +1,5 @@
 """`python -m localmix` is the `localmix` command."""
 
-from localmix.frontends.cli import main
+from localmix.frontends.cli import program
 
-main()
+program()
