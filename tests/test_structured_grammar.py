@@ -93,10 +93,10 @@ def test_enum_const_anyof(check):
 
 def test_objects(check):
     schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"},
-                                               "c/d": {"type": "null"}},
+                                               "c/d": {"type": "null"}, "ünï": {"type": "integer"}},
               "required": ["b"], "additionalProperties": False}
     both(check, schema, ['{"b": true}', '{"a": 1, "b": false}', '{"b": true, "c/d": null}',
-                         '{"a": 1, "b": true, "c/d": null}'],
+                         '{"a": 1, "b": true, "c/d": null, "ünï": 3}'],
          ["{}", '{"a": 1}', '{"b": true, "x": 1}', '{"b": true,}', '{"b": 1}', '{, "b": true}'])
     both(check, {"type": "object", "properties": {"a": {"type": "integer"}}}, ["{}", '{"a": 2}'], ['{"a": "x"}'])
     both(check, {"type": "object", "additionalProperties": {"type": "integer"}}, ['{"x": 1, "y": 2}', "{}"],

@@ -134,7 +134,7 @@ class Grammar:
         return Rule(name)
 
     def _name(self, hint: str) -> str:
-        base = "".join(c if c.isalnum() else "-" for c in hint).strip("-").lower()[:40] or "value"
+        base = "".join(c if c.isascii() and c.isalnum() else "-" for c in hint).strip("-").lower()[:40] or "value"
         base = f"s-{base}"  # never one of BASICS' names
         name, i = base, 1
         while name in self.rules:
