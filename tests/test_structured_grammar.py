@@ -51,6 +51,12 @@ class Checker:
         finally:
             L.llama_sampler_free(g)
 
+    def parses(self, grammar: str) -> bool:
+        g = L.llama_sampler_init_grammar(self.ptr, grammar.encode(), b"root")
+        if g:
+            L.llama_sampler_free(g)
+        return bool(g)
+
     def _allowed(self, g, token: int) -> bool:
         data = (L.llama_token_data * 1)(L.llama_token_data(token, 0.0, 0.0))
         arr = L.llama_token_data_array(data, 1, -1, False)
@@ -240,3 +246,36 @@ def test_refused_keywords_name_themselves_and_their_place(schema, keyword, point
         to_gbnf(schema, where="response_format")
     assert (e.value.keyword, e.value.pointer) == (keyword, pointer)
     assert f"'{keyword}' at {pointer}" in str(e.value) and str(e.value).startswith("response_format: ")
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.floats(-3, 3, allow_nan=False), st.text(max_size=6),
+              st.sampled_from(["string", "integer", "number", "object", "array", "null", "#", "#/$defs/a", "^a+$",
+                               "date", "uri"])),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.sampled_from(["type", "properties", "items", "required", "enum", "const", "anyOf", "$ref",
+                                         "$defs", "a", "minimum", "exclusiveMaximum", "maxLength", "minItems",
+                                         "pattern", "format", "additionalProperties", "multipleOf", "title"]),
+                        inner, max_size=4)),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(schema=json_values)
+def test_any_json_is_a_grammar_llama_cpp_reads_or_a_refusal(check, schema):
+    """Whatever a client sends as a schema: a grammar llama.cpp parses, or `Refused`, nothing else."""
+    try:
+        g = to_gbnf(schema)
+    except Refused as e:
+        assert e.pointer.startswith("/") and e.keyword
+        return
+    assert check.parses(g), (schema, g)
+
+
+def test_deep_nesting_is_refused():
+    deep = {"type": "string"}
+    for _ in range(2000):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(Refused, match="nested too deeply"):
+        to_gbnf(deep)

@@ -110,6 +110,8 @@ class Grammar:
         self.doc, self.where = schema, where
         try:
             return self.value(schema, "")
+        except RecursionError:
+            raise Refused("(schema)", "/", "the schema is nested too deeply", where) from None
         finally:
             self.doc, self.where = outer
 
@@ -305,7 +307,7 @@ class Grammar:
                 if other != key and other in node:
                     self.refuse(ptr, other, f"{other} together with {key} is not supported")
             if key == "format":
-                if node["format"] not in patterns.FORMATS:
+                if not isinstance(node["format"], str) or node["format"] not in patterns.FORMATS:
                     self.refuse(ptr, "format", f"the format {node['format']!r} is not supported "
                                                f"(supported: {', '.join(patterns.FORMATS)})")
                 inner = patterns.FORMATS[node["format"]]
@@ -354,10 +356,10 @@ class Grammar:
 
 
 def _count(g: Grammar, node: dict, ptr: str, low_key: str, high_key: str) -> tuple[int, int | None]:
-    low, high = node.get(low_key, 0), node.get(high_key)
-    for k, v in ((low_key, low), (high_key, high)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+    for k in (low_key, high_key):
+        if k in node and (isinstance(node[k], bool) or not isinstance(node[k], int) or node[k] < 0):
             g.refuse(ptr, k, f"{k} is a non-negative integer")
+    low, high = node.get(low_key, 0), node.get(high_key)
     if high is not None and low > high:
         g.refuse(ptr, high_key, f"{high_key} is below {low_key}: nothing is allowed")
     return low, high
