@@ -193,6 +193,16 @@ def test_ranges_accept_exactly_the_numbers_in_range(check, lo, hi, lo_open, hi_o
         assert check.accepts(g, text) == valid, (schema, text)
 
 
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(k=st.integers(1, 40), tries=st.lists(st.integers(-2000, 2000), min_size=8, max_size=8))
+def test_multiple_of_accepts_exactly_the_multiples(check, k, tries):
+    for schema in ({"type": "integer", "multipleOf": k}, {"type": "number", "multipleOf": float(k)}):
+        g = to_gbnf(schema)
+        for x in tries + [0, k, -k, 7 * k, k + 1]:
+            assert check.accepts(g, str(x)) == (x % k == 0), (schema, x)
+        assert not check.accepts(g, "-0") and not check.accepts(g, f"0{k}")
+
+
 def test_references_and_recursion(check):
     tree = {"$defs": {"node": {"type": "object", "properties": {"v": {"type": "integer", "minimum": 0},
                                                                "kids": {"type": "array", "items": {"$ref": "#/$defs/node"},
@@ -222,8 +232,9 @@ def test_tool_arguments_are_documents_of_their_own(check):
 
 
 @pytest.mark.parametrize("schema, keyword, pointer", [
-    ({"type": "object", "properties": {"age": {"type": "integer", "multipleOf": 5}}}, "multipleOf",
+    ({"type": "object", "properties": {"age": {"type": "integer", "multipleOf": 5, "minimum": 0}}}, "multipleOf",
      "/properties/age/multipleOf"),
+    ({"type": "number", "multipleOf": 0.01}, "multipleOf", "/multipleOf"),
     ({"type": "number", "minimum": 0.5}, "minimum", "/minimum"),
     ({"type": "number", "exclusiveMaximum": 1e12}, "exclusiveMaximum", "/exclusiveMaximum"),
     ({"oneOf": [{"type": "string"}, {"type": "integer"}]}, "oneOf", "/oneOf"),

@@ -80,6 +80,7 @@ leaves = st.one_of(
     .map(lambda v: {"enum": v}),
     st.one_of(st.booleans(), st.text("xyz", max_size=3)).map(lambda v: {"const": v}),
     st.integers(0, 5).map(lambda n: {"type": ["string", "null"], "maxLength": n}),
+    st.integers(1, 12).map(lambda k: {"type": "integer", "multipleOf": k}),
 )
 
 
@@ -129,8 +130,9 @@ def test_recursive_schema(client):
 
 
 REFUSED = [
-    ({"type": "object", "properties": {"age": {"type": "integer", "multipleOf": 5}}}, "multipleOf",
+    ({"type": "object", "properties": {"age": {"type": "number", "multipleOf": 0.5}}}, "multipleOf",
      "/properties/age/multipleOf"),
+    ({"type": "integer", "multipleOf": 3, "maximum": 30}, "multipleOf", "/multipleOf"),
     ({"type": "object", "properties": {"p": {"type": "number", "minimum": 0.5}}}, "minimum", "/properties/p/minimum"),
     ({"type": "number", "maximum": 2.25}, "maximum", "/maximum"),
     ({"type": "number", "exclusiveMinimum": -1e10}, "exclusiveMinimum", "/exclusiveMinimum"),
@@ -181,7 +183,7 @@ def test_forced_tool_call_arguments_follow_their_schema(client):
         assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "book"
         validate(json.loads(call.function.arguments), params)
     bad = {"type": "function", "function": {"name": "count", "parameters": {
-        "type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}}}}
+        "type": "object", "properties": {"n": {"type": "number", "multipleOf": 0.25}}}}}
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=ASK, tools=[tool, bad], tool_choice="required",
                                        max_tokens=8)

@@ -13,14 +13,16 @@ dropped. Enforced:
 - arrays: `items`, `minItems`, `maxItems`;
 - strings: `minLength`, `maxLength`, `pattern` (patterns.py), `format` date-time, time, date,
   duration, email, hostname, ipv4, ipv6, uuid;
-- integers: `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (any bound);
+- integers: `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (any bound), and
+  `multipleOf` a whole number up to 1000 with no range beside it (numbers.py);
 - numbers: the same four with whole-number bounds (a fraction of at most 6 digits; exclusive
-  bounds up to 1e9 in size, where such a fraction stays apart from the bound as a double).
+  bounds up to 1e9 in size, where such a fraction stays apart from the bound as a double), and
+  `multipleOf` as for integers (the multiples written are whole).
 - annotations, which constrain nothing: title, description, default, examples, $schema, $id,
   $comment, deprecated, readOnly, writeOnly.
 
-Refused: `multipleOf` (on fractions the validator divides doubles, 0.07/0.01 is not 7; on
-integers its digit automaton would multiply with every range), number bounds with a fraction
+Refused: `multipleOf` a fraction (the validator divides doubles: 0.07/0.01 is not 7) or
+beside a range (its digit automaton would multiply with the range's), number bounds with a fraction
 (a decimal such as 0.1 has no exact double: at the bound a grammar on digits and a validator
 on doubles disagree), `oneOf` (a union can match two alternatives), `allOf`, `not`,
 `if`/`then`/`else`, `prefixItems`, `uniqueItems`, `contains`, `patternProperties`,
@@ -28,7 +30,8 @@ on doubles disagree), `oneOf` (a union can match two alternatives), `allOf`, `no
 other than those above, `pattern` with `format` or a length, `enum`/`const` with a
 constraint beside `type`, remote `$ref`s, and any keyword not named here.
 
-Unbounded numbers are written with at most 16 integer digits (integers: below 10^16).
+Unbounded numbers are written with at most 16 integer digits (integers: below 10^16;
+multiples: any length).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import math
 import re
 from urllib.parse import unquote
 
-from localmix.frontends.server import patterns
+from localmix.frontends.server import numbers, patterns
 
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                          "readOnly", "writeOnly", "$defs", "definitions"})
@@ -46,20 +49,16 @@ BY_TYPE = {
     "object": frozenset({"properties", "required", "additionalProperties"}),
     "array": frozenset({"items", "minItems", "maxItems"}),
     "string": frozenset({"minLength", "maxLength", "pattern", "format"}),
-    "number": frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}),
+    "number": frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}),
 }
 BY_TYPE["integer"] = BY_TYPE["number"]
 KNOWN = ANNOTATIONS | {"type", "enum", "const", "anyOf", "$ref"} | frozenset().union(*BY_TYPE.values())
 WHY = {
-    "multipleOf": "a grammar cannot follow it exactly (the validator divides doubles)",
     "oneOf": "a union can match two alternatives; use anyOf",
     "allOf": "intersections of schemas are not supported",
 }
+MAX_MULTIPLE = 1000  # multipleOf k: k rules
 TYPES = ("string", "number", "integer", "boolean", "object", "array", "null")
-LIMIT = 10**16 - 1          # the largest magnitude an unbounded integer is written with
-NUMBER_LIMIT = 10**15 - 1   # and a number's integer part
-EXACT_EXCLUSIVE = 10**9     # exclusive number bounds up to this size stay apart from a 6-digit fraction
-FRACTION = '"." [0-9]{1,6}'
 
 BASICS = {
     "space": '" "?',
@@ -326,33 +325,58 @@ class Grammar:
         return self.add(ptr + "-string", f'"\\"" char{count} "\\"" {self.basic("space")}')
 
     def _number(self, node: dict, ptr: str, integer: bool) -> Rule:
-        for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-            v = node.get(k)
-            if k in node and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+        bounds = [k for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") if k in node]
+        for k in bounds:
+            v = node[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 self.refuse(ptr, k, f"{k} is a finite number")
-            if k in node and not integer and v != int(v):
+            if not integer and v != int(v):
                 self.refuse(ptr, k, "a number's bound must be a whole number (a decimal fraction has no "
                                     "exact double, so a grammar on digits and a validator on doubles disagree)")
-            if k.startswith("exclusive") and k in node and not integer and abs(v) > EXACT_EXCLUSIVE:
-                self.refuse(ptr, k, f"an exclusive bound on a number is supported up to {EXACT_EXCLUSIVE:g}")
-        if not any(k in node for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")):
-            if not integer:
-                return self.basic("number")
+            if k.startswith("exclusive") and not integer and abs(v) > numbers.EXACT_EXCLUSIVE:
+                self.refuse(ptr, k, f"an exclusive bound on a number is supported up to {numbers.EXACT_EXCLUSIVE:g}")
+        if "multipleOf" in node:
+            return self._multiple(node, ptr, bounds)
         lo, lo_open = _bound(node, "minimum", "exclusiveMinimum", max)
         hi, hi_open = _bound(node, "maximum", "exclusiveMaximum", min)
+        low_key = "minimum" if "minimum" in node else "exclusiveMinimum"
         if integer:
-            lo = -LIMIT if lo is None else max(-LIMIT, math.floor(lo) + 1 if lo_open else math.ceil(lo))
-            hi = LIMIT if hi is None else min(LIMIT, math.ceil(hi) - 1 if hi_open else math.floor(hi))
+            lo = -numbers.LIMIT if lo is None else max(-numbers.LIMIT, math.floor(lo) + 1 if lo_open else math.ceil(lo))
+            hi = numbers.LIMIT if hi is None else min(numbers.LIMIT, math.ceil(hi) - 1 if hi_open else math.floor(hi))
             if lo > hi:
-                self.refuse(ptr, "minimum" if "minimum" in node else "exclusiveMinimum", "no integer is in the range")
-            return self.add(ptr + "-integer", f"({' | '.join(integers(lo, hi))}) {self.basic('space')}")
-        lo, lo_open = (-NUMBER_LIMIT, False) if lo is None or lo < -NUMBER_LIMIT else (int(lo), lo_open)
-        hi, hi_open = (NUMBER_LIMIT, False) if hi is None or hi > NUMBER_LIMIT else (int(hi), hi_open)
-        alts = numbers(lo, lo_open, hi, hi_open)
+                self.refuse(ptr, low_key, "no integer is in the range")
+            return self.add(ptr + "-integer", f"({' | '.join(numbers.integers(lo, hi))}) {self.basic('space')}")
+        if not bounds:
+            return self.basic("number")
+        top = numbers.NUMBER_LIMIT
+        lo, lo_open = (-top, False) if lo is None or lo < -top else (int(lo), lo_open)
+        hi, hi_open = (top, False) if hi is None or hi > top else (int(hi), hi_open)
+        alts = numbers.decimals(lo, lo_open, hi, hi_open)
         if not alts:
-            self.refuse(ptr, "minimum" if "minimum" in node else "exclusiveMinimum",
-                        f"no number is in the range (numbers are written within ±{NUMBER_LIMIT})")
+            self.refuse(ptr, low_key, f"no number is in the range (numbers are written within ±{top})")
         return self.add(ptr + "-number", f"({' | '.join(alts)}) {self.basic('space')}")
+
+    def _multiple(self, node: dict, ptr: str, bounds: list[str]) -> Rule:
+        """Integer multiples of a whole number up to MAX_MULTIPLE, with no range beside it."""
+        k = node["multipleOf"]
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not k > 0 or not math.isfinite(k):
+            self.refuse(ptr, "multipleOf", "multipleOf is a number above 0")
+        if k != int(k):
+            self.refuse(ptr, "multipleOf", "a multiple of a fraction cannot be followed exactly "
+                                           "(the validator divides doubles: 0.07 / 0.01 is not 7)")
+        if k > MAX_MULTIPLE:
+            self.refuse(ptr, "multipleOf", f"multipleOf is supported up to {MAX_MULTIPLE}")
+        if bounds:
+            self.refuse(ptr, "multipleOf", f"multipleOf together with {bounds[0]} is not supported")
+        if k == 1:
+            return self._number({}, ptr, integer=True)
+        hint = f"{ptr}-multiple-of-{int(k)}"
+        rules = numbers.multiples(int(k), name := self._name(hint))
+        while rules.keys() & self.rules.keys():  # its state rules' names are taken
+            hint += "-x"
+            rules = numbers.multiples(int(k), name := self._name(hint))
+        self.rules.update(rules)
+        return self.add(ptr + "-multiple", f'("0" | "-"? {name}) {self.basic("space")}')
 
 
 def _count(g: Grammar, node: dict, ptr: str, low_key: str, high_key: str) -> tuple[int, int | None]:
@@ -373,77 +397,6 @@ def _bound(node: dict, inclusive: str, exclusive: str, tighter) -> tuple[float |
         return None, False
     value = tighter(v for v, _ in found)
     return value, any(open_ for v, open_ in found if v == value)
-
-
-def integers(lo: int, hi: int) -> list[str]:
-    """GBNF alternatives for the integers lo..hi written as JSON writes them."""
-    alts = []
-    if hi >= 0:
-        alts += digits(max(lo, 0), hi)
-    if lo < 0:
-        alts += [f'"-" {a}' for a in digits(max(1, -hi), -lo)]
-    return alts
-
-
-def digits(lo: int, hi: int) -> list[str]:
-    """GBNF alternatives for the numerals lo..hi (0 <= lo <= hi), no leading zeros."""
-    alts, full = [], []  # full: lengths whose every numeral is in range, written as one repeat
-    for n in range(len(str(lo)), len(str(hi)) + 1):
-        a, b = max(lo, 10 ** (n - 1) if n > 1 else 0), min(hi, 10**n - 1)
-        if n > 1 and a == 10 ** (n - 1) and b == 10**n - 1:
-            full.append(n)
-        else:
-            alts += _same_length(str(a), str(b))
-    if full:
-        alts.append(f"[1-9] [0-9]{{{full[0] - 1},{full[-1] - 1}}}")
-    return alts
-
-
-def _same_length(a: str, b: str) -> list[str]:
-    """Digit strings of one length from a to b."""
-    if a == b:
-        return [f'"{a}"']
-    if len(a) == 1:
-        return [f"[{a}-{b}]"]
-    if a[0] == b[0]:
-        return [f'"{a[0]}" ({" | ".join(_same_length(a[1:], b[1:]))})']
-    rest = len(a) - 1
-    low_all, high_all = a[1:] == "0" * rest, b[1:] == "9" * rest
-    alts = [] if low_all else [f'"{a[0]}" ({" | ".join(_same_length(a[1:], "9" * rest))})']
-    first, last = int(a[0]) + (0 if low_all else 1), int(b[0]) - (0 if high_all else 1)
-    if first <= last:
-        alts.append(f"[{first}-{last}] [0-9]{{{rest}}}")
-    if not high_all:
-        alts.append(f'"{b[0]}" ({" | ".join(_same_length("0" * rest, b[1:]))})')
-    return alts
-
-
-def numbers(lo: int, lo_open: bool, hi: int, hi_open: bool) -> list[str]:
-    """GBNF alternatives for the decimals between whole-number bounds, with no exponent and a
-    fraction of at most 6 digits."""
-    alts = []
-    if hi > 0 or (hi == 0 and not hi_open):
-        alts += _magnitudes(*((lo, lo_open) if lo >= 0 else (0, False)), hi, hi_open)
-    if lo < 0:  # -m for m in the mirrored range, m > 0
-        alts += [f'"-" {a}' for a in _magnitudes(*((-hi, hi_open) if hi < 0 else (0, True)), -lo, lo_open)]
-    return alts
-
-
-def _magnitudes(a: int, a_open: bool, b: int, b_open: bool) -> list[str]:
-    """I.F for values between 0 <= a and b."""
-    if a > b:
-        return []
-    if a == b:
-        return [] if a_open or b_open else digits(a, a)
-    alts = []
-    any_lo = a + 1 if a_open else a
-    if any_lo <= b - 1:  # a whole part whose every fraction is in range
-        alts += [f"({d}) ({FRACTION})?" for d in digits(any_lo, b - 1)]
-    if a_open:  # a itself only with a fraction that is not zero
-        alts.append(f'{digits(a, a)[0]} "." [0-9]{{0,5}} [1-9]')
-    if not b_open:
-        alts.append(digits(b, b)[0])
-    return alts
 
 
 def _json_type(v) -> str:
