@@ -250,6 +250,8 @@ def test_tool_arguments_are_documents_of_their_own(check):
     ({"$ref": "https://example.com/s.json"}, "$ref", "/$ref"),
     ({"$defs": {"x": {"not": {}}}, "$ref": "#/$defs/x"}, "not", "/$defs/x/not"),
     ({"anyOf": [{"type": "string"}, {"type": "integer", "if": {}}]}, "if", "/anyOf/1/if"),
+    ({"$ref": "#"}, "$ref", "/$ref"),
+    ({"anyOf": [{"type": "null"}, {"$ref": "#/$defs/a"}], "$defs": {"a": {"$ref": "#"}}}, "$ref", "/anyOf/1/$ref"),
     ({"type": "integer", "minimum": 5, "maximum": 4}, "minimum", "/minimum"),
 ])
 def test_refused_keywords_name_themselves_and_their_place(schema, keyword, pointer):

@@ -101,6 +101,8 @@ class Grammar:
         self.rules: dict[str, str] = {"space": BASICS["space"]}
         self.names: dict[str, str] = {}       # body -> name
         self.refs: dict[tuple[int, str], str] = {}
+        self.pending: dict[tuple[int, str], int] = {}  # refs whose body is being written -> self.depth then
+        self.depth = 0                                 # objects and arrays around the schema being written
         self.doc, self.where = None, ""
 
     def document(self, schema, where: str = "") -> Rule:
@@ -216,6 +218,8 @@ class Grammar:
             self.refuse(ptr, "$ref", "only references into the same schema (#...) are supported")
         target_ptr = unquote(ref[1:])
         key = (id(self.doc), target_ptr)
+        if self.pending.get(key) == self.depth:
+            self.refuse(ptr, "$ref", f"{ref!r} refers back to itself before any character is written")
         if key not in self.refs:
             node = self.doc
             for part in target_ptr.split("/")[1:]:
@@ -229,16 +233,19 @@ class Grammar:
             name = self._name(target_ptr or "root-ref")
             self.refs[key] = name
             self.rules[name] = ""  # taken before the body is written: the body may refer to it
+            self.pending[key] = self.depth
             self.rules[name] = self.value(node, target_ptr)
+            del self.pending[key]
         return Rule(self.refs[key])
 
     def _typed(self, t: str, node: dict, ptr: str) -> Rule:
         if t in ("boolean", "null"):
             return self.basic(t)
-        if t == "object":
-            return self._object(node, ptr)
-        if t == "array":
-            return self._array(node, ptr)
+        if t in ("object", "array"):
+            self.depth += 1  # what they hold comes after a "{" or "["
+            rule = self._object(node, ptr) if t == "object" else self._array(node, ptr)
+            self.depth -= 1
+            return rule
         if t == "string":
             return self._string(node, ptr)
         return self._number(node, ptr, t == "integer")
