@@ -292,3 +292,24 @@ def test_deep_nesting_is_refused():
         deep = {"type": "array", "items": deep}
     with pytest.raises(Refused, match="nested too deeply"):
         to_gbnf(deep)
+
+
+PATTERNS = ["^[A-Z]{2}-\\d{3}$", "^(cat|dog)s?$", "b+c", "^a[^b-d\\d]{2,3}(x|y)*?\\.$", "^\\w+@\\S+$|^none$",
+            "^(ab){0,2}c{2,}$", "^[\\s\\W]x\\D$", "^(?:a|b(c|d))+$", "\\Aq\\Z", "^$", "x$", "^.?.$", '^["\\\\]+$']
+ASCII = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(index=st.integers(0, len(PATTERNS) - 1), data=st.data())
+def test_pattern_grammar_against_python_re(check, index, data):
+    """Strings the pattern matches (printable ASCII) are accepted, and any string accepted matches."""
+    regex = PATTERNS[index]
+    g = to_gbnf({"type": "string", "pattern": regex})
+    good = data.draw(st.from_regex(regex, fullmatch=regex.startswith(("^", "\\A")) and regex.endswith(("$", "\\Z")),
+                                   alphabet=ASCII if '"' in regex else st.characters(
+                                       min_codepoint=0x20, max_codepoint=0x7E, exclude_characters='"\\')))
+    if regex.startswith("^") or regex.startswith("\\A"):
+        assert check.accepts(g, json.dumps(good)), (regex, good)
+    for s in data.draw(st.lists(st.text(ASCII, max_size=6), min_size=5, max_size=5)) + [good + "!", "x" + good]:
+        if check.accepts(g, json.dumps(s)):
+            assert re.search(regex, s), (regex, s)
