@@ -93,6 +93,7 @@ def test_enum_const_anyof(check):
     both(check, {"enum": ["red", 1, None, {"a": [True]}]}, ['"red"', "1", "null", '{"a": [true]}'], ['"blue"', "2"])
     both(check, {"type": "string", "enum": ["a", 1]}, ['"a"'], ["1"])
     both(check, {"const": "x\"y"}, ['"x\\"y"'], ['"x"'])
+    both(check, {"const": "a", "enum": ["a", "b"], "type": "string"}, ['"a"'], ['"b"'])
     both(check, {"anyOf": [{"type": "integer", "maximum": 0}, {"type": "string", "maxLength": 1}]},
          ['-3', '"a"'], ["3", '"ab"'])
 
@@ -251,6 +252,7 @@ def test_tool_arguments_are_documents_of_their_own(check):
     ({"$defs": {"x": {"not": {}}}, "$ref": "#/$defs/x"}, "not", "/$defs/x/not"),
     ({"anyOf": [{"type": "string"}, {"type": "integer", "if": {}}]}, "if", "/anyOf/1/if"),
     ({"$ref": "#"}, "$ref", "/$ref"),
+    ({"const": 1, "enum": [True, "1"]}, "const", "/const"),
     ({"anyOf": [{"type": "null"}, {"$ref": "#/$defs/a"}], "$defs": {"a": {"$ref": "#"}}}, "$ref", "/anyOf/1/$ref"),
     ({"type": "integer", "minimum": 5, "maximum": 4}, "minimum", "/minimum"),
 ])

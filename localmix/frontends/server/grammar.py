@@ -201,11 +201,11 @@ class Grammar:
             if k not in ANNOTATIONS and k not in ("type", "enum", "const"):
                 self.refuse(ptr, k, "constraints beside enum/const are not supported")
         key = "const" if "const" in node else "enum"
-        if key == "const" and "enum" in node:
-            self.refuse(ptr, "enum", "enum beside const is not supported")
-        values = [node["const"]] if key == "const" else node["enum"]
-        if key == "enum" and not isinstance(values, list):
+        if "enum" in node and not isinstance(node["enum"], list):
             self.refuse(ptr, "enum", "enum is a list")
+        values = [node["const"]] if key == "const" else node["enum"]
+        if key == "const" and "enum" in node and not any(_same(node["const"], v) for v in node["enum"]):
+            self.refuse(ptr, "const", "the const is not among the enum's values")
         kept = [v for v in values if types is None or _json_type(v) in types
                 or (_json_type(v) == "integer" and "number" in types)]
         if not kept:
@@ -404,6 +404,11 @@ def _bound(node: dict, inclusive: str, exclusive: str, tighter) -> tuple[float |
         return None, False
     value = tighter(v for v, _ in found)
     return value, any(open_ for v, open_ in found if v == value)
+
+
+def _same(a, b) -> bool:
+    """Equal as JSON values (1 and 1.0 are; 1 and true are not)."""
+    return a == b and (_json_type(a) == _json_type(b) or {_json_type(a), _json_type(b)} <= {"integer", "number"})
 
 
 def _json_type(v) -> str:
