@@ -28,7 +28,8 @@ on doubles disagree), `oneOf` (a union can match two alternatives), `allOf`, `no
 `if`/`then`/`else`, `prefixItems`, `uniqueItems`, `contains`, `patternProperties`,
 `propertyNames`, `minProperties`, `maxProperties`, `dependent*`, `unevaluated*`, formats
 other than those above, `pattern` with `format` or a length, `enum`/`const` with a
-constraint beside `type`, remote `$ref`s, and any keyword not named here.
+constraint other than `type` (or a `const` its `enum` lacks), remote `$ref`s, a `$ref` that
+comes back to itself before any character is written, and any keyword not named here.
 
 Unbounded numbers are written with at most 16 integer digits (integers: below 10^16;
 multiples: any length).
