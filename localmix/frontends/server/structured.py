@@ -1,9 +1,9 @@
 """Structured output and tool calls, for every dialect: what the prompt gets, the grammar that
 constrains sampling, and how the reply's text turns back into a message.
 
-- `response_format` `json_object` / `json_schema`: llama.cpp's GBNF, llama-cpp-python's JSON
-  grammar or grammar.py's from the schema, so the reply always parses (and validates); a schema
-  keyword the grammar cannot enforce is a 400 that names it and its place in the schema.
+- `response_format` `json_object` / `json_schema`: a llama.cpp GBNF grammar (llama-cpp-python's
+  for any JSON, grammar.py's from the schema), so the reply always parses (and validates); a
+  schema keyword the grammar cannot enforce is a 400 that names it and its place in the schema.
 - `tools` on a model without tool tokens (Mixtral 8x7B's v1 tokenizer): the tools are described
   in the system prompt with the form of a call, `{"name": ..., "arguments": {...}}`; with
   `tool_choice` `required`/`any` or a named function a grammar forces such a call (its
