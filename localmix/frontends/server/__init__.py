@@ -8,6 +8,9 @@
   fim.py         Mistral's fill in the middle
   schemas.py     the request models (pydantic)
   structured.py  JSON output and tool calls, for every dialect
+  grammar.py     JSON schema -> GBNF grammar, or a 400 naming the keyword it cannot enforce
+  patterns.py    the inside of a JSON string as GBNF: regex patterns and formats
+  numbers.py     numbers as GBNF: integer ranges, decimals between bounds, multiples
   toolcalls.py   Mistral's native tool calls
   logprobs.py    OpenAI's two shapes of log-probabilities
   common.py      what the dialects share: state, errors, running a request on the scheduler

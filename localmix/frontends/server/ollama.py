@@ -138,7 +138,7 @@ def router(state: State) -> APIRouter:
             raise ApiError(400, "images are not supported by this model")
         messages = [_openai_message(m) for m in body.messages]
         shim = SimpleNamespace(response_format=_format(body.format), tools=body.tools, tool_choice=None)
-        plan = structured.plan(state, shim, messages)
+        plan = structured.plan(state, shim, messages, format_param="format")
         job = _job(state, body.options, plan.prompt(state), plan.grammar, bias=plan.bias, shown=plan.shown)
         run = Run(state, job)
         if not body.stream:
@@ -156,7 +156,8 @@ def router(state: State) -> APIRouter:
         if not body.prompt:
             return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
         fmt = _format(body.format)
-        plan = structured.plan(state, SimpleNamespace(response_format=fmt, tools=None, tool_choice=None), [])
+        plan = structured.plan(state, SimpleNamespace(response_format=fmt, tools=None, tool_choice=None), [],
+                               format_param="format")
         if body.raw:
             tokens = text_prompt(state, body.prompt)
         else:

@@ -1,12 +1,14 @@
 """Structured output and tool calls, for every dialect: what the prompt gets, the grammar that
 constrains sampling, and how the reply's text turns back into a message.
 
-- `response_format` `json_object` / `json_schema`: llama.cpp's GBNF from llama-cpp-python's
-  JSON grammar and JSON-schema converter, so the reply always parses (and validates).
+- `response_format` `json_object` / `json_schema`: a llama.cpp GBNF grammar (llama-cpp-python's
+  for any JSON, grammar.py's from the schema), so the reply always parses (and validates); a
+  schema keyword the grammar cannot enforce is a 400 that names it and its place in the schema.
 - `tools` on a model without tool tokens (Mixtral 8x7B's v1 tokenizer): the tools are described
   in the system prompt with the form of a call, `{"name": ..., "arguments": {...}}`; with
   `tool_choice` `required`/`any` or a named function a grammar forces such a call (its
-  arguments by the function's JSON schema), with `auto` a reply of that form is read as a call.
+  arguments by the function's JSON schema, as for `json_schema`), with `auto` a reply of that
+  form is read as a call.
   Calls get 9-character ids, as Mistral's API gives them. Tool results and earlier calls are put
   back into the conversation as text, so v1 templates (user/assistant only) still render it.
 - `tools` (or tool messages) on a model WITH Mistral's tool tokens (v2/v3 tokenizers: Mixtral
@@ -20,10 +22,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from llama_cpp.llama_grammar import JSON_GBNF
 
 from localmix.frontends.server import toolcalls
 from localmix.frontends.server.common import ApiError, State, chat_prompt, check_context
+from localmix.frontends.server.grammar import Grammar, Refused, to_gbnf
 from localmix.frontends.server.toolcalls import call_id
 from localmix.runtime.tools import ToolTokens, tool_prompt, tool_tokens
 
@@ -32,10 +35,30 @@ TOOL_PROMPT = ("You can call these tools (JSON schema of each):\n{tools}\n\nTo c
 
 
 def schema_grammar(schema: dict, param: str) -> str:
+    """The grammar of `schema` (the request's `param`), or a 400 naming what it cannot enforce."""
     try:
-        return json_schema_to_gbnf(json.dumps(schema), prop_order=["name", "arguments"])
-    except Exception as e:  # the converter raises bare Exceptions for schemas it cannot express
-        raise ApiError(400, f"{param}: cannot turn this JSON schema into a grammar: {e}", param=param) from None
+        return to_gbnf(schema, where=param)
+    except Refused as e:
+        raise ApiError(400, str(e), param=param) from None
+
+
+def calls_grammar(tools: list, names: list[str], listed: bool = False) -> str:
+    """The grammar of a call to one of `names`: `{"name": ..., "arguments": {...}}`, the arguments
+    by the function's schema (a document of its own); `listed`: a list of one or more calls."""
+    g = Grammar()
+    specs = {t.function.name: (i, t.function.parameters or {"type": "object", "properties": {}})
+             for i, t in enumerate(tools)}
+    try:
+        calls = []
+        for n in names:
+            i, spec = specs[n]
+            arguments = g.document(spec, where=f"tools[{i}].function.parameters")
+            calls.append({"type": "object", "properties": {"name": {"const": n}, "arguments": arguments},
+                          "required": ["name", "arguments"], "additionalProperties": False})
+        call = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        return g.text(g.document({"type": "array", "minItems": 1, "items": call} if listed else call))
+    except Refused as e:
+        raise ApiError(400, str(e), param="tools") from None
 
 
 @dataclass
@@ -132,13 +155,14 @@ class StreamParser:
         return [{"tool_calls": [{"index": 0, **call}]}]
 
 
-def plan(state, body, messages: list[dict]) -> Plan:
+def plan(state, body, messages: list[dict], format_param: str = "response_format") -> Plan:
     """What a chat request asks for beyond plain text: `body` has `response_format`, `tools`,
-    `tool_choice` (OpenAI's models in schemas.py, or ollama's mapped onto them)."""
+    `tool_choice` (OpenAI's models in schemas.py, or ollama's mapped onto them, whose
+    `format` is `format_param` in errors)."""
     marks = tool_tokens(state.engine.vocab)
     if marks is not None and (getattr(body, "tools", None) or any(m["role"] == "tool" or m.get("tool_calls")
                                                                   for m in messages)):
-        return _native(marks, body, messages)
+        return _native(marks, body, messages, format_param)
     messages = _as_text(messages)
     fmt = getattr(body, "response_format", None)
     tools = getattr(body, "tools", None) or []
@@ -149,7 +173,7 @@ def plan(state, body, messages: list[dict]) -> Plan:
     elif fmt is not None and fmt.type == "json_schema":
         if fmt.json_schema is None:
             raise ApiError(400, "response_format: json_schema needs a 'json_schema' object", param="response_format")
-        grammar = schema_grammar(fmt.json_schema.schema_, "response_format")
+        grammar = schema_grammar(fmt.json_schema.schema_, format_param)
     if not tools or choice == "none":
         if choice not in (None, "none", "auto") and not tools:
             raise ApiError(400, "tool_choice is set but no tools are given", param="tool_choice")
@@ -165,14 +189,11 @@ def plan(state, body, messages: list[dict]) -> Plan:
     messages = _with_system(messages, TOOL_PROMPT.format(tools=described))
     forced = choice in ("required", "any") or named is not None
     if forced:
-        names = [named] if named else list(specs)
-        calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": specs[n]},
-                  "required": ["name", "arguments"]} for n in names]
-        grammar = schema_grammar(calls[0] if len(calls) == 1 else {"anyOf": calls}, "tools")
+        grammar = calls_grammar(tools, [named] if named else list(specs))
     return Plan(messages, grammar, specs, forced)
 
 
-def _native(marks: ToolTokens, body, messages: list[dict]) -> Plan:
+def _native(marks: ToolTokens, body, messages: list[dict], format_param: str) -> Plan:
     """Mistral's own format: the prompt keeps the calls and results as its control tokens."""
     fmt, tools, choice = getattr(body, "response_format", None), getattr(body, "tools", None) or [], \
         getattr(body, "tool_choice", None)
@@ -184,7 +205,7 @@ def _native(marks: ToolTokens, body, messages: list[dict]) -> Plan:
             if fmt.json_schema is None:
                 raise ApiError(400, "response_format: json_schema needs a 'json_schema' object",
                                param="response_format")
-            grammar = schema_grammar(fmt.json_schema.schema_, "response_format")
+            grammar = schema_grammar(fmt.json_schema.schema_, format_param)
     else:
         grammar = None
     if not tools and choice not in (None, "none", "auto"):
@@ -196,10 +217,7 @@ def _native(marks: ToolTokens, body, messages: list[dict]) -> Plan:
     defs = [t.model_dump(exclude_none=True) for t in tools]
     forced = bool(tools) and (choice in ("required", "any") or named is not None)
     if forced:
-        calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": specs[n]},
-                  "required": ["name", "arguments"]} for n in ([named] if named else list(specs))]
-        listed = {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
-        grammar = toolcalls.grammar(marks.calls, schema_grammar(listed, "tools"))
+        grammar = toolcalls.grammar(marks.calls, calls_grammar(tools, [named] if named else list(specs), listed=True))
     bias = {marks.calls: float("-inf")} if choice == "none" or not tools else {}
     return Plan(messages, grammar, specs if choice != "none" else {}, forced, marks, defs, bias)
 
