@@ -132,7 +132,7 @@ def test_from_a_checkpoint_the_temporary_disk_is_under_one_layer(fitted, tiny_mi
     layer = sum(ckpt.nbytes(n) for n in ckpt.tensors if n.startswith("model.layers.0."))
     assert 0 < fitted["peak"] <= layer, (fitted["peak"], layer)
     lines = [line for line in fitted["stderr"].splitlines() if line.startswith("--fit:")]
-    assert len(lines) == 1 and "temporary disk" in lines[0] and "about" in lines[0], fitted["stderr"]
+    assert len(lines) == 1 and "of temporary files beside OUT" in lines[0] and "about" in lines[0], fitted["stderr"]
     assert [p.name for p in fitted["beside"].iterdir()] == [fitted["out"].name]
 
 

@@ -10,7 +10,8 @@ is plain arithmetic over the measured curves, and pipeline.convert writes the pl
 Without --imatrix the importance matrix is the one the sensitivity pass collects over the
 calibration windows: the candidates are measured with it and the file is written with it, so
 the i-quants that need one (IQ3_XXS) are candidates like any other. --save-imatrix keeps it;
---save-mix keeps it beside the mix (MIX.imatrix.gguf, named in the mix), and --mix uses it again.
+--save-mix keeps it beside the mix (MIX.imatrix.gguf) unless --save-imatrix or --imatrix names
+one, and the mix names the importance matrix OUT was written with, which --mix uses again.
 
 Before measuring, a budget below the smallest file the model makes (every tensor at its
 smallest candidate) or a disk without room for OUT is refused; after the reference pass, one
@@ -238,10 +239,10 @@ def fit_quantize(src: Path, out: Path, budget: Budget, text: Path | None, file_t
         n_tensors = len(fit_tensors([(t.name, t.shape) for t in source.tensors]))
 
         def ready(seconds: float) -> None:
+            disk = f"{human_bytes(temp)} of temporary files beside OUT" if temp else "no temporary files"
             console.print(f"--fit: measuring {n_tensors} tensors on {min(n_windows, len(tokens) // n_ctx)} windows "
-                          f"of {n_ctx} tokens, about {_human_seconds(seconds)} more; temporary disk "
-                          f"{human_bytes(temp)} beside OUT (the weights are read in place)", markup=False,
-                          highlight=False, soft_wrap=True)
+                          f"of {n_ctx} tokens, about {_human_seconds(seconds)} more; {disk} (the weights are read "
+                          "in place)", markup=False, highlight=False, soft_wrap=True)
 
         report = None
         if console.is_terminal:
@@ -256,8 +257,7 @@ def fit_quantize(src: Path, out: Path, budget: Budget, text: Path | None, file_t
         if save_to is not None:
             info = {"source": str(src), "budget": _describe(budget),
                     "expected_kld": sum(c.loss[c.types.index(mix[c.name])] for c in curves)}
-            if keep is not None:
-                info["imatrix"] = _relative(keep, save_to.parent)
+            info["imatrix"] = _relative(imatrix, save_to.parent)  # the one OUT is written with
             save_mix(save_to, mix, info)
         result = convert(src, out, file_type, force=force, imatrix=imatrix, progress=progress, types=mix)
     return result, mix, curves
