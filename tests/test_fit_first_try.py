@@ -136,6 +136,20 @@ def test_from_a_checkpoint_the_temporary_disk_is_under_one_layer(fitted, tiny_mi
     assert [p.name for p in fitted["beside"].iterdir()] == [fitted["out"].name]
 
 
+def test_measured_in_place_as_from_the_f32_conversion(fitted, converted, tmp_path):
+    """The checkpoint's own BF16 weights, mapped, measure what its F32 GGUF measures: the same
+    mix, the same importance matrix, the same file."""
+    text = tmp_path / "cal.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "from-f32.gguf"
+    r = run_localmix("quantize", converted("mixtral", "F32"), out, "--fit", str(BUDGET), "--text", text,
+                     "--save-imatrix", tmp_path / "im.gguf")
+    assert r.returncode == 0, r.stderr
+    assert "no temporary files" in r.stderr  # a GGUF is read as it is, the imatrix kept where asked
+    assert (tmp_path / "im.gguf").read_bytes() == (fitted["kept"] / "im.gguf").read_bytes()
+    assert out.read_bytes() == fitted["out"].read_bytes()
+
+
 def test_a_budget_below_the_smallest_file_is_refused_at_once(tiny_mixtral, tmp_path):
     text = tmp_path / "cal.txt"
     text.write_text(TEXT)
