@@ -195,3 +195,25 @@ def test_importance_is_what_llama_cpp_reads_from_the_saved_file(tmp_path):
     for name in ours:
         assert np.array_equal(loaded[name], ours[name]), name
     assert (ours["blk.0.ffn_up_exps.weight"][64:128] == 1).all()
+
+
+@pytest.mark.parametrize("model", ["mixtral", "mistral"])
+def test_checkpoint_weights_are_the_f32_conversions_values(model, tiny_mixtral, tiny_mistral, converted):
+    """Every tensor of the mapped checkpoint (Q/K rows reordered, norms and router in float32,
+    experts one view each) holds the values the converter's F32 file holds."""
+    from localmix.convert.sources import open_source
+    from localmix.kernels.matmul import dequantize_rows
+    from localmix.native.weights import checkpoint_weights, load_weights
+
+    ours = checkpoint_weights(open_source(tiny_mixtral if model == "mixtral" else tiny_mistral))
+    theirs = {t.name: t for t in load_weights(converted(model, "F32")).tensors()}
+    names = [t.name for t in ours.tensors()]
+    assert sorted(set(names)) == sorted(theirs)
+    for t in ours.tensors():
+        ref = theirs[t.name]
+        assert t.shape == ref.shape, t.name
+        for e in range(t.shape[0]) if len(t.shape) == 3 else [None]:
+            a = t.data if e is None else t.data[e]
+            got = np.asarray(a, np.float32) if t.qtype == QType.F32 else dequantize_rows(a, t.qtype)
+            want = np.asarray(ref.data if e is None else ref.data[e], np.float32)
+            assert np.array_equal(got.reshape(want.shape), want), (t.name, e)
