@@ -10,7 +10,8 @@ largest mix within the budget) and then greedy upgrades by loss saved per byte w
 fits, so the file ends within one tensor's step of the budget.
 
 A mix is a plain {tensor name: GGML type name} table, saved and read as JSON (`--save-mix`,
-`--mix`); pipeline.convert writes any such table.
+`--mix`), with the importance matrix it was fitted with named beside it ("imatrix");
+pipeline.convert writes any such table.
 """
 
 from __future__ import annotations
@@ -110,6 +111,16 @@ def load_mix(path: str | Path) -> dict[str, QType]:
         raise InputError(f"{path} not found") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{path} is not a mix file ({{\"types\": {{tensor: type}}}}): {e}") from None
+
+
+def mix_imatrix(path: str | Path) -> Path | None:
+    """The importance matrix a saved mix was fitted and written with (its "imatrix", relative to
+    the mix's folder), or None when it names none."""
+    try:
+        name = json.loads(Path(path).read_text(encoding="utf-8")).get("imatrix")
+    except (OSError, ValueError, AttributeError):
+        return None  # load_mix says what is wrong with the file
+    return None if not isinstance(name, str) else Path(path).parent / name
 
 
 def check_mix(mix: dict[str, QType], tensors: list[tuple[str, tuple[int, ...]]]) -> None:

@@ -32,7 +32,8 @@ def quantize(
                                "tokenizer.model), or a GGUF file (F32/F16/BF16; a quantized one is requantized)."),
     out: Path = typer.Argument(..., help="The GGUF file to write."),
     type_: str = typer.Option("Q4_K_M", "--type", "-t", help=f"File type, as llama.cpp names them: {', '.join(FILE_TYPES)}."),
-    imatrix: Path = typer.Option(None, "--imatrix", help="Importance matrix from llama.cpp's llama-imatrix (GGUF or legacy .dat)."),
+    imatrix: Path = typer.Option(None, "--imatrix", help="Importance matrix from llama.cpp's llama-imatrix (GGUF or "
+                                 "legacy .dat). With --fit: used instead of the one --fit collects from --text."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
     fit: str = typer.Option(None, "--fit", help="Choose each tensor's type for the least KL divergence in a file of "
                             "this size, e.g. 20GiB (needs --text)."),
@@ -42,14 +43,18 @@ def quantize(
     ctx: int = typer.Option(8192, "--ctx", min=16, help="With --fit-gpu: the context to leave room for."),
     text: Path = typer.Option(None, "--text", help="With --fit: calibration text the sensitivities are measured on."),
     mix: Path = typer.Option(None, "--mix", help="Write with the per-tensor types of a mix saved by --save-mix."),
-    save_mix: Path = typer.Option(None, "--save-mix", help="With --fit: save the chosen types as JSON."),
+    save_mix: Path = typer.Option(None, "--save-mix", help="With --fit: save the chosen types as JSON, and the "
+                                  "importance matrix --fit collected beside it (MIX.imatrix.gguf), which --mix uses."),
+    save_imatrix: Path = typer.Option(None, "--save-imatrix", help="With --fit: save the importance matrix --fit "
+                                      "collected from --text and wrote OUT with (llama.cpp's GGUF imatrix format)."),
     measure_all: bool = typer.Option(False, "--measure-all", help="With --fit: run the forward for every tensor and "
                                      "type instead of one probe per tensor."),
 ):
     """Quantize a Hugging Face checkpoint to a GGUF file in one streaming pass (llama.cpp's K-quant mixes).
 
     With --fit SIZE (or --fit-bpw, --fit-gpu), each tensor's type is chosen for the least
-    expected KL divergence within the budget, from sensitivities measured on --text."""
+    expected KL divergence within the budget, from sensitivities measured on --text; the
+    importance matrix collected on the same text guides the quantization (unless --imatrix)."""
     from localmix.frontends.fit import Budget
     from localmix.frontends.progress import ConvertProgress
     from localmix.frontends.quantize import quantize as write
@@ -57,8 +62,8 @@ def quantize(
 
     with ConvertProgress(err) as progress:
         result = write(src, out, type_.upper(), Budget(size=fit, bpw=fit_bpw, gpu=fit_gpu, ctx=ctx), force=force,
-                       imatrix=imatrix, text=text, mix=mix, save_mix=save_mix, measure_all=measure_all,
-                       progress=progress, console=err)
+                       imatrix=imatrix, text=text, mix=mix, save_mix=save_mix, save_imatrix=save_imatrix,
+                       measure_all=measure_all, progress=progress, console=err)
     if err.is_terminal:
         err.print(f"wrote {result.path} ({result.file_type}, {result.n_tensors} tensors, {human_bytes(result.n_bytes)})")
 

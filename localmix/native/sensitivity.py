@@ -22,11 +22,21 @@ kernel as soon as it is done with (weights.release), so a file larger than memor
 (a full-width Mixtral layer is 6.8 GB of F32) is read through the page cache instead of
 accumulating in the process's resident set. The reference pass runs layer by layer over all
 windows for that reason, and the forwards see each stacked expert tensor through
-`_OneExpertAtATime` (a full-width Mixtral layer's experts are 5.6 GB of F32).
+`_OneExpertAtATime` (a full-width Mixtral layer's experts are 5.6 GB of F32). The weights
+may be a float GGUF's (weights.load_weights) or a checkpoint folder's own safetensors
+(weights.checkpoint_weights): nothing is converted to disk first.
+
+The calibration windows are llama-imatrix's chunks: n_ctx tokens each, from an empty cache,
+the first replaced by BOS. So the reference pass's activation statistics are the importance
+matrix `localmix imatrix --ctx n_ctx` computes over those windows (native/stats.py), and
+`fit_sensitivity` hands them back: the candidates are quantized with them (unless an
+importance matrix is given), as the fitted file is then written with them, so every candidate
+type, the i-quants that need an importance matrix included, is measured as it will be written.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -38,7 +48,7 @@ from localmix.convert.fit import Curve, candidate_types, fit_tensors
 from localmix.kernels import QType
 from localmix.kernels.matmul import dequantize_rows
 from localmix.native.model import KVCache, block, linear, rms_norm
-from localmix.native.stats import Collector
+from localmix.native.stats import Collector, importance, statistics
 from localmix.native.weights import Tensor, Weights, load_weights, release
 from localmix.runtime.vocab import open_vocab
 
@@ -48,6 +58,9 @@ from localmix.runtime.vocab import open_vocab
 # (34 M weights a type) before; 1 M is every row of the tiny models' experts and SmolLM2's
 SAMPLE_WEIGHTS = 1 << 20
 FLOAT_COPY_LIMIT = 256 << 20   # a swapped tensor is held as float32 rounded weights up to this size
+# seconds per weight quantized and dequantized again, about, averaged over the candidate types
+# (2 cores: 0.8 M weights/s for IQ3_XXS to 30 M/s for Q8_0): for the estimate of the pass's time
+QUANTIZE_SECONDS = 3e-7
 
 
 @dataclass
@@ -198,7 +211,7 @@ def weighted_errors(w: Weights, t: Tensor, types: list[QType], cal: Calibration,
 def measure(w: Weights, cal: Calibration, name: str, t: Tensor) -> float:
     """Mean KL divergence of the model with tensor `name` replaced by `t`, over the windows."""
     w2 = _with(w, name, t)
-    start = 0 if name == "token_embd.weight" else (w.hp.n_layer if name == "output.weight" else int(name.split(".")[1]))
+    start = _start(w, name)
     total = 0.0
     for tokens, saved, ref, p in zip(cal.windows, cal.residuals, cal.log_probs, cal.probs):
         cache = KVCache.empty(w.hp, len(tokens))
@@ -208,40 +221,102 @@ def measure(w: Weights, cal: Calibration, name: str, t: Tensor) -> float:
     return total / len(cal.windows)
 
 
-def sensitivity_curves(path: str | Path, text: str, n_ctx: int = 128, n_windows: int = 2, measure_all: bool = False,
-                       imatrix: dict[str, np.ndarray] | None = None, allowed: tuple[str, ...] | None = None,
-                       progress: Callable[[int, int, str], None] | None = None) -> list[Curve]:
-    """The measured curve of every tensor the fitter chooses a type for, of the float GGUF at
-    `path`, on up to `n_windows` windows of `n_ctx` tokens of `text`."""
+@dataclass
+class Sensitivity:
+    """What the pass measured: the curves, and the reference pass's activation statistics in
+    stats.compute_imatrix's form (an importance matrix over the calibration windows)."""
+    curves: list[Curve]
+    imatrix: dict
+
+
+def calibration_windows(tokens: list[int], n_ctx: int, n_windows: int, bos: int | None) -> list[list[int]]:
+    """Up to `n_windows` windows of `n_ctx` tokens, each with its first token replaced by `bos`
+    (None: kept), as llama-imatrix's chunks."""
+    from localmix.errors import InputError
+
+    if len(tokens) < n_ctx:
+        raise InputError(f"the calibration text has {len(tokens)} tokens, fewer than one window of {n_ctx}")
+    windows = [list(tokens[i * n_ctx:(i + 1) * n_ctx]) for i in range(min(n_windows, len(tokens) // n_ctx))]
+    if bos is not None:
+        for window in windows:
+            window[0] = bos
+    return windows
+
+
+def _start(w: Weights, name: str) -> int:
+    """The layer a forward restarts at when `name` is swapped."""
+    return 0 if name == "token_embd.weight" else (w.hp.n_layer if name == "output.weight" else int(name.split(".")[1]))
+
+
+def estimate_seconds(w: Weights, names: list[str], shapes: dict, reference_s: float, measure_all: bool,
+                     allowed: tuple[str, ...] | None = None) -> float:
+    """The rest of the pass's time, from the reference pass's: each forward from a tensor's layer
+    costs its share of the layers (the head counted as one), each quantization QUANTIZE_SECONDS a weight."""
+    total = 0.0
+    for name in names:
+        shape = shapes[name]
+        n_types = len(candidate_types(shape[-1], allowed))
+        share = (w.hp.n_layer - min(_start(w, name), w.hp.n_layer) + 1) / (w.hp.n_layer + 1)
+        n_weights = int(np.prod(shape))
+        if measure_all:
+            total += n_types * (share * reference_s + n_weights * QUANTIZE_SECONDS)
+        else:
+            total += share * reference_s + (n_weights + n_types * min(n_weights, SAMPLE_WEIGHTS)) * QUANTIZE_SECONDS
+    return total
+
+
+def fit_sensitivity(w: Weights, tokens: list[int], bos: int | None, n_ctx: int = 128, n_windows: int = 2,
+                    measure_all: bool = False, imatrix: dict[str, np.ndarray] | None = None, collect: bool = True,
+                    allowed: tuple[str, ...] | None = None, progress: Callable[[int, int, str], None] | None = None,
+                    ready: Callable[[float], None] | None = None) -> Sensitivity:
+    """The measured curve of every tensor the fitter chooses a type for, on up to `n_windows`
+    windows of `n_ctx` of `tokens` (the text's, BOS first). The candidates are quantized with
+    `imatrix` ({name: importance}) if given, else with the reference pass's statistics when
+    `collect`, else without one. `ready(seconds)` is called once the reference pass is done,
+    with an estimate of the rest; `progress(i, n, name)` after each tensor."""
     from localmix.convert.imatrix import tensor_importance
     from localmix.errors import InputError
 
-    w = load_weights(path)
-    vocab = open_vocab(path)
-    tokens = vocab.tokenize(text.encode("utf-8"), add_bos=True, special=False)
-    if len(tokens) < n_ctx:
-        raise InputError(f"the calibration text has {len(tokens)} tokens, fewer than one window of {n_ctx}")
-    windows = [tokens[i * n_ctx:(i + 1) * n_ctx] for i in range(min(n_windows, len(tokens) // n_ctx))]
+    windows = calibration_windows(tokens, n_ctx, n_windows, bos)
     by_name = {t.name: t for t in w.tensors()}  # the mapped tensors themselves, for quantizing
-    w = _paged(w)  # what the forwards run on
-    cal = calibrate(w, windows)
+    paged = _paged(w)  # what the forwards run on
+    started = time.perf_counter()
+    cal = calibrate(paged, windows)
+    reference_s = time.perf_counter() - started
+    stats = statistics(cal.activations, len(windows), n_ctx)
+    if imatrix is None and collect:
+        imatrix = importance(stats)
     names = [n for n, _ in fit_tensors([(t.name, t.shape) for t in by_name.values()])]
+    if ready:
+        ready(estimate_seconds(w, names, {n: by_name[n].shape for n in names}, reference_s, measure_all, allowed))
     curves = []
     for i, name in enumerate(names):
         t = by_name[name]
         types = candidate_types(t.shape[-1], allowed)
         if not types:
             raise InputError(f"no candidate type fits {name}'s rows of {t.shape[-1]}")
-        importance = tensor_importance(imatrix, name, t.shape)
+        weights = tensor_importance(imatrix, name, t.shape)
         nbytes = [kernels.tensor_nbytes(q, t.shape) for q in types]
         if measure_all:
-            loss = [measure(w, cal, name, quantized(w, t, q, importance)) for q in types]
+            loss = [measure(paged, cal, name, quantized(paged, t, q, weights)) for q in types]
         else:
-            errors = weighted_errors(w, t, types, cal, importance)
-            probe = measure(w, cal, name, quantized(w, t, types[0], importance))
+            errors = weighted_errors(paged, t, types, cal, weights)
+            probe = measure(paged, cal, name, quantized(paged, t, types[0], weights))
             alpha = probe / errors[0] if errors[0] > 0 else 0.0
             loss = [alpha * e for e in errors]
         curves.append(Curve(name, types, nbytes, loss))
         if progress:
             progress(i + 1, len(names), name)
-    return curves
+    return Sensitivity(curves, stats)
+
+
+def sensitivity_curves(path: str | Path, text: str, n_ctx: int = 128, n_windows: int = 2, measure_all: bool = False,
+                       imatrix: dict[str, np.ndarray] | None = None, allowed: tuple[str, ...] | None = None,
+                       progress: Callable[[int, int, str], None] | None = None) -> list[Curve]:
+    """`fit_sensitivity`'s curves of the float GGUF at `path` on `text`, its candidates quantized
+    with `imatrix` if given, else without one."""
+    vocab = open_vocab(path)
+    tokens = vocab.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    bos = vocab.token_bos() if tokens and tokens[0] == vocab.token_bos() else None
+    return fit_sensitivity(load_weights(path), tokens, bos, n_ctx, n_windows, measure_all, imatrix, collect=False,
+                           allowed=allowed, progress=progress).curves

@@ -70,9 +70,29 @@ def compute_imatrix(path: str | Path, tokens: list[int], n_ctx: int = 512,
         prefill(w, chunk, 0, cache, collector, batch=n_ctx, logits=None)
         if progress:
             progress(i + 1, n_chunk)
+    return statistics(collector, n_chunk, n_ctx)
+
+
+def statistics(collector: Collector, n_chunk: int, n_ctx: int) -> dict:
+    """What a Collector summed over `n_chunk` chunks of `n_ctx` tokens, as `compute_imatrix` returns it."""
     return {"sums": {k: v.astype(np.float32) for k, v in collector.sums.items()},
             "counts": {k: v.astype(np.float32) for k, v in collector.counts.items()},
             "chunk_count": n_chunk, "chunk_size": n_ctx}
+
+
+def importance(imatrix: dict) -> dict[str, np.ndarray]:
+    """{tensor name: importance vector} of what `compute_imatrix` returned, as llama.cpp's
+    quantizer (and convert.imatrix.load_imatrix) reads them from the saved file: per expert,
+    the float32 sums over the float32 count, or 1s where no token reached the expert."""
+    out = {}
+    for name, sums in imatrix["sums"].items():
+        counts = np.rint(imatrix["counts"][name]).astype(np.int64)
+        values = np.ones_like(sums)
+        for j, c in enumerate(counts):
+            if c > 0:
+                values[j] = sums[j] / np.float32(c)
+        out[name] = values.ravel()
+    return out
 
 
 def write_imatrix(out: str | Path, imatrix: dict, dataset: str = "text", force: bool = False) -> Path:

@@ -10,6 +10,14 @@ Stacked expert tensors `blk.N.ffn_{gate,up,down}_exps.weight` have one more lead
 (E, rows, ...), so `t.data[e]` is a view of expert e and touches only its pages.
 `release(w, *views)` hands the pages a pass has read back to the kernel (they stay in the page
 cache and come back on the next touch), for passes over a file larger than memory should hold.
+
+`checkpoint_weights(source)` gives the same face to a Hugging Face checkpoint folder (a
+convert.sources.HFSource), so a pass reads its safetensors as they are: each shard is mapped
+once and each tensor is a view of it in the stored type (BF16 bits, F16, F32), as the float
+GGUF the converter would write holds it, without writing that file. Only what the converter
+changes is held in memory: the Q/K rows reordered for llama.cpp's RoPE (a copy in the stored
+type), the norms and the router in float32. A stacked expert tensor is an `Experts`, whose
+`data[e]` is a view of expert e's own tensor in the checkpoint.
 """
 
 from __future__ import annotations
@@ -82,6 +90,7 @@ class Weights:
     output_norm: Tensor
     output: Tensor
     reader: object = field(repr=False, default=None)  # keeps the mapping alive as long as the views
+    maps: list = field(repr=False, default_factory=list)  # the mapped files the views are of, when not a reader's
 
     def tensors(self):
         """Every weight, in file order of layers."""
@@ -102,22 +111,27 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 
 
 def release(w: Weights, *views: np.ndarray) -> None:
-    """madvise(MADV_DONTNEED) over each view of `w`'s file mapping: the process's resident size
+    """madvise(MADV_DONTNEED) over each view of `w`'s file mappings: the process's resident size
     drops by those pages; the file's data stay in the page cache and a later read faults them
     back in. A view of anything else (a tensor swapped for its quantized copy) is left alone:
     dropping anonymous pages would zero them. Linux only; elsewhere nothing happens."""
-    if _LIBC is None or w.reader is None:
+    maps = ([w.reader.data] if w.reader is not None else []) + list(w.maps)
+    if _LIBC is None or not maps:
         return
-    lo_map, hi_map = byte_bounds(np.asarray(w.reader.data))
+    bounds = [byte_bounds(np.asarray(m)) for m in maps]
     page = mmap.PAGESIZE
     for v in views:
+        if isinstance(v, Experts):
+            release(w, *v.parts)
+            continue
         if not isinstance(v, np.ndarray) or not v.size:
             continue
         lo, hi = byte_bounds(v)
-        if not (lo_map <= lo and hi <= hi_map):
-            continue
-        lo, hi = lo // page * page, min(-(-hi // page) * page, -(-hi_map // page) * page)
-        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(MADV_DONTNEED))
+        for lo_map, hi_map in bounds:
+            if lo_map <= lo and hi <= hi_map:
+                lo, hi = lo // page * page, min(-(-hi // page) * page, -(-hi_map // page) * page)
+                _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(MADV_DONTNEED))
+                break
 
 
 def _view(t) -> Tensor:
@@ -178,3 +192,66 @@ def load_weights(path: str | Path) -> Weights:
     output = take("output.weight", required=False) or by_name["token_embd.weight"]
     return Weights(hp, take("token_embd.weight"), layers, take("output_norm.weight"), output, reader)
 
+
+
+class Experts:
+    """A stacked expert tensor whose experts are stored apart (a checkpoint's one tensor per
+    expert): `data[e]` is expert e's (rows, cols) view, as a stacked array's would be."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+
+    def __getitem__(self, e: int) -> np.ndarray:
+        return self.parts[e]
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+
+# the stored dtypes of a checkpoint: GGML type and the numpy type of a view of its bits
+_STORED = {"BF16": (QType.BF16, np.uint16), "F16": (QType.F16, np.float16), "F32": (QType.F32, np.float32)}
+
+
+def checkpoint_hparams(cfg) -> HParams:
+    """The hyperparameters of a convert.config.ModelConfig, as the converter writes them."""
+    return HParams(
+        n_layer=cfg.num_hidden_layers, n_embd=cfg.hidden_size, n_ff=cfg.intermediate_size,
+        n_head=cfg.num_attention_heads, n_head_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        n_rot=cfg.head_dim, rope_base=float(cfg.rope_theta), norm_eps=float(cfg.rms_norm_eps),
+        n_expert=cfg.num_local_experts if cfg.is_moe else 0, n_expert_used=cfg.num_experts_per_tok if cfg.is_moe else 0,
+        n_vocab=cfg.vocab_size, context_length=cfg.max_position_embeddings)
+
+
+def checkpoint_weights(source) -> Weights:
+    """The weights of a Hugging Face checkpoint (convert.sources.HFSource) as views of its
+    mapped safetensors shards (see the module docstring)."""
+    maps: dict[Path, np.memmap] = {}
+
+    def view(part) -> np.ndarray:
+        if part.path not in maps:
+            maps[part.path] = np.memmap(part.path, mode="r", dtype=np.uint8)
+        bits = _STORED[part.dtype][1]
+        n = int(np.prod(part.shape, dtype=np.int64)) * np.dtype(bits).itemsize
+        return maps[part.path][part.offset:part.offset + n].view(bits).reshape(part.shape)
+
+    by_name = {}
+    for t in source.tensors:
+        if len(t.shape) <= 1 or t.name.endswith("_norm.weight") or ".ffn_gate_inp." in t.name:
+            # what the converter keeps in float32: small, held in memory
+            by_name[t.name] = Tensor(t.name, np.asarray(t.parts[0].load(), np.float32).reshape(t.shape), QType.F32,
+                                     t.shape)
+            continue
+        qtype = _STORED[t.parts[0].dtype][0]
+        if len(t.shape) == 3:
+            data = Experts([view(p) for p in t.parts])
+        elif t.transform is not None:
+            data = np.ascontiguousarray(t.transform(view(t.parts[0])))  # Q/K rows reordered: a copy
+        else:
+            data = view(t.parts[0])
+        by_name[t.name] = Tensor(t.name, data, qtype, t.shape)
+    hp = checkpoint_hparams(source.config)
+    layers = [Layer(**{f: by_name.get(f"blk.{i}.{f}.weight") for f in Layer.__dataclass_fields__})
+              for i in range(hp.n_layer)]
+    output = by_name.get("output.weight") or by_name["token_embd.weight"]
+    return Weights(hp, by_name["token_embd.weight"], layers, by_name["output_norm.weight"], output,
+                   maps=list(maps.values()))
