@@ -292,26 +292,39 @@ def llama_greedy(llm, ids, n):
     return out, margins
 
 
-def native_greedy(path, ids, n):
+def native_greedy(path, ids, n, obs=None):
+    """n greedy tokens after ids; `obs` watches the first decoding step (one token)."""
     w = load_weights(path)
     cache = KVCache.empty(w.hp, len(ids) + n)
     logits, out = prefill(w, ids, 0, cache), []
     for i in range(n):
         out.append(int(np.argmax(logits[-1])))
-        logits = forward(w, [out[-1]], len(ids) + i, cache)
+        logits = forward(w, [out[-1]], len(ids) + i, cache, obs if i == 0 else None)
     return out
 
 
 @pytest.mark.parametrize("file_type", ["F32", "F16", "Q8_0"])
-def test_greedy_continuation_equals_llama_cpp(file_type, converted):
+def test_greedy_continuation_equals_llama_cpp(file_type, converted, monkeypatch):
+    """The same 64 greedy tokens, decoding one at a time (each product of the first step held to
+    ggml's, as ProductCheck does). The two may part only at a token where llama.cpp's top two
+    lie closer than their logits may differ (test_native's bounds: float32 slack for F32, the
+    simulated F16 rounding for F16, a flipped rounding's reach for Q8_0); measured on AVX-512
+    with either OpenBLAS kernel, none parts (smallest margins on the way: F32 0.0069, F16 0.010,
+    Q8_0 0.034)."""
     path = converted("mixtral", file_type)
     llm = load_llama(path, n_ctx=256)
     ids = llm.tokenize(PROMPT.encode(), add_bos=True)
     want, margins = llama_greedy(llm, ids, 64)
-    got = native_greedy(path, ids, 64)
+    check = ProductCheck()
+    got = native_greedy(path, ids, 64, check)
     assert len(set(want)) > 8  # a real continuation
+    assert check.products > 0 and check.worst <= 1.0
     first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
-    assert first is None, f"parts from llama.cpp's at token {first}, where llama.cpp's top-2 margin is {margins[first]:.3g}"
+    if first is not None:
+        bound = {"F32": SLACK, "Q8_0": FLIPS}.get(file_type)
+        bound = bound or float_rounding_bound(path, ids, native_logits(path, ids), monkeypatch)
+        assert margins[first] < 2 * bound[0], (  # each of the two may move by the bound
+            f"parts from llama.cpp's at token {first}, where llama.cpp's top-2 margin is {margins[first]:.3g}")
 
 
 class Recorder:
