@@ -26,39 +26,40 @@ TEXT = ("[INST] Erkläre mir bitte, wie ein Mischmodell aus Experten funktionier
 PROMPT = "[INST] Erkläre mir bitte, wie ein Mischmodell aus Experten funktioniert. [/INST]"
 
 # How far native logits may lie from llama.cpp's, over all logits of TEXT (~65 positions x
-# 32000), and why. Every product computes what ggml's CPU kernels compute from the same bytes
-# and activations, to float32 summation order: `ProductCheck` holds each product of each forward
-# below to that (test_matmul.py's bound). The summation orders differ by CPU on both sides:
-# - llama.cpp (built for this CPU by scripts/setup): the same integer products on AVX2 and
-#   AVX-512 (Q5_1 x Q8_1, ggml_vec_dot_q5_1_q8_1, has one x86 branch; AVX512-VNNI only sums its
-#   byte pairs with vpdpbusd, to the same integers; Q8_1's activations take quantize_row_q8_1's
-#   AVX2 branch on both, s = fp16(d * sum q)), wider float vectors elsewhere, repacked
-#   kernels for Q4_0, Q4_K, Q2_K, IQ4_NL and Q8_0 where AVX2 is present, and for BF16 the
-#   vdpbf16ps dot products where the CPU has AVX512_BF16;
-# - native: prefill products of the legacy types and IQ4_NL (24 tokens and more), the F32/F16/
-#   BF16 products and attention go through numpy's OpenBLAS, whose SGEMM kernel OpenBLAS picks
-#   per CPU: SkylakeX on an AVX-512 CPU it knows, Haswell on AVX2, on a newer CPU it does not
-#   know, or under OPENBLAS_CORETYPE=Haswell. On an AVX-512 EPYC, OPENBLAS_CORETYPE=Haswell
-#   moves Q5_1's difference from 0.083 (mean 0.00035) to 0.19 (mean 0.0086), the figures of
-#   the fresh clone where the old bound (0.2, 0.002) failed.
-# Summation order alone is the float32 slack: F32 1.9e-5 (mean 2.3e-6), IQ4_XS and IQ3_XXS 5.7e-6
-# with either OpenBLAS kernel. The rest are roundings the two sides decide apart: each product
-# first rounds its activations to 8 bits (Q8_0, Q8_1, Q8_K blocks), and a value that lies within
-# float32 noise of a rounding midpoint goes one step (amax / 127 of its block) up on one side,
-# down on the other. The tiny model's random weights carry that step to the logits of that
-# position and the later ones. Where and how often it happens depends on the CPU; how far one
-# reaches depends only on the model: flipping, in each of the 78 quantizations of a forward in
-# turn, the value nearest a midpoint moved a position's logits by up to 1.94 (median 0.08-0.14)
-# and all logits by up to 0.044 on average (Q8_0, Q6_K, Q4_K_M, Q2_K, IQ3_S, IQ4_NL, Q5_1; a
-# flip early in layer 0 that changes a token's experts reaches furthest). FLIPS allows one such
-# flip at a position, and on average over all logits about two of the farthest; what they
-# cannot hide (a wrong block layout, scale or rounding) ProductCheck sees in every product, and
-# test_one_flipped_rounding_stays_within_the_bounds measures a flip's reach again each run.
-# Measured (SkylakeX / Haswell kernel): max 0.062-0.26, means <= 0.021, top-1 >= 98.5%.
+# 32000), and why. Each product computes what ggml's CPU kernel computes from the same bytes and
+# activations, to float32 summation order: `ProductCheck` holds every product of each forward
+# below to test_matmul.py's float32 bound. Summation orders differ by CPU, on both sides:
+# - llama.cpp (built for this CPU by scripts/setup): Q5_1 x Q8_1 is the same arithmetic on
+#   AVX2 and AVX-512 (ggml_vec_dot_q5_1_q8_1 has one x86 branch; AVX512-VNNI only sums its byte
+#   pairs with vpdpbusd, to the same integers; the activations take quantize_row_q8_1's AVX2
+#   branch on both, s = fp16(d * sum q)). What changes: wider float vectors in the F32 ops,
+#   repacked GEMMs (Q4_0, Q4_K and IQ4_NL with AVX2; Q2_K only with AVX-512) and BF16 dot
+#   products by vdpbf16ps where the CPU has AVX512_BF16.
+# - native: prefill products of the legacy types and IQ4_NL (24 tokens and more), the float
+#   products and attention go through numpy's OpenBLAS, whose SGEMM kernel OpenBLAS picks per
+#   CPU: SkylakeX on an AVX-512 CPU it knows; Haswell on AVX2, on a CPU it does not know, or
+#   under OPENBLAS_CORETYPE=Haswell. On an AVX-512 EPYC, OPENBLAS_CORETYPE=Haswell moves Q5_1's
+#   difference from 0.083 (mean 0.00035) to 0.19 (mean 0.0086): the fresh clone's figures,
+#   where the bound copied from the first (0.2, 0.002) failed.
+# Summation order alone is float32 slack: F32 2.3e-5 (mean 2.3e-6), IQ4_XS and IQ3_XXS 5.7e-6.
+# The rest are roundings the two sides decide apart. Each product first rounds its activations
+# to 8 bits (Q8_0, Q8_1, Q8_K blocks); a value within float32 noise of a rounding midpoint goes
+# one step (amax / 127 of its block) up on one side and down on the other, and the tiny model's
+# random weights carry that step to the logits of its position and the later ones. Where and
+# how often that happens depends on the CPU; how far one flip reaches depends on the model:
+# flipping the value nearest a midpoint in each of a forward's 78 quantizations in turn
+# (`flip_nearest`) moved one position's logits by up to 1.94 (IQ3_S; Q5_1 1.76, Q4_K_M 0.92,
+# Q4_1 0.64, the other 8 types measured 0.23-0.33; medians 0.07-0.14) and all logits by up to
+# 0.044 on average; the farthest are early in layer 0, where a flip changes a token's experts.
+# FLIPS allows one such flip at a position and, over all logits, about two of the farthest;
+# test_one_flipped_rounding_stays_within_the_bounds measures the farthest flips again each run.
+# What a flip bound cannot see (a wrong block layout, scale or rounding) ProductCheck sees in
+# every product. Measured on an AVX-512 EPYC with OpenBLAS's SkylakeX and Haswell kernels, and
+# with llama.cpp built for AVX2 (numpy, numba and torch on their AVX2 kernels too): max
+# 1.3e-5-0.26, means <= 0.021, top-1 >= 98.5%.
 # F16 and BF16 weights meet activations rounded to F16/BF16 in llama.cpp (their vec_dot_type)
-# and float32 ones here: a difference no flip bound describes, so that rounding is simulated
-# (native with llama.cpp's rounding of each product's input) and bounds the comparison; see
-# `float_rounding_bound`.
+# and float32 ones here: that rounding is simulated in native and bounds the comparison
+# (`float_rounding_bound`).
 SLACK = (1e-4, 1e-5)  # (max, mean): float32 summation order alone
 FLIPS = (2.5, 0.1)  # 8-bit activations: roundings decided apart
 ROUNDED = ("F16", "BF16")  # bounded by `float_rounding_bound`
@@ -189,11 +190,12 @@ def compare(name, want, got, check, bounds):
 # only as fallbacks): the experts and attention in that type, attn_k/attn_v Q8_0 (8 experts),
 # output Q6_K. Q4_1 and Q5_1 meet llama.cpp's Q8_1 activations, whose block sums it keeps as a
 # half float; the native product adds that rounding back (kernels/matmul.py), which ProductCheck
-# holds to ggml's own product (test_matmul.test_ggml_bound_catches_exact_block_sums: without it
-# every product is off). Measured max |native - llama.cpp| (mean, top-1), OpenBLAS's SkylakeX /
-# Haswell kernel: Q4_0 0.19 (0.010, 98.5%) / 0.19 (0.010), Q5_0 0.19 (0.017, 100%) / 0.19
-# (0.017), Q4_1 0.16 (0.0097, 100%) / 0.17 (0.0045), Q5_1 0.083 (0.00035, 100%) / 0.19 (0.0086):
-# roundings decided apart, as above, bounded alike.
+# holds to ggml's own product (without it, this Q5_1 file's products lie up to 24 times their
+# bound from ggml's, Q4_1's 33 times; test_matmul.test_ggml_bound_catches_exact_block_sums). Measured max (mean) with OpenBLAS's SkylakeX kernel / its Haswell
+# kernel / llama.cpp built for AVX2 as well: Q4_0 0.19 (0.010) / 0.19 (0.010) / 0.19 (0.0099),
+# Q5_0 0.19 (0.017) / 0.19 (0.017) / 0.19 (0.018), Q4_1 0.16 (0.0097) / 0.17 (0.0045) / 0.17
+# (0.0046), Q5_1 0.083 (0.00035) / 0.19 (0.0086) / 0.18 (0.013); top-1 >= 98.5%: roundings
+# decided apart, as above, and bounded alike.
 LEGACY_TOLERANCE = {t: FLIPS for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1")}
 
 
