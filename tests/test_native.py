@@ -95,9 +95,10 @@ class ProductCheck:
         data = w.data if expert is None else w.data[expert]
         tokens = np.unique(np.linspace(0, len(x) - 1, min(len(x), 3)).astype(int))
         rows = np.unique(np.linspace(0, data.shape[0] - 1, min(data.shape[0], 64)).astype(int))
-        ours = matmul(x, data, w.qtype)[np.ix_(tokens, rows)]  # the whole product, as the forward takes it
-        theirs = ggml_cpu_matmul(x[tokens], np.asarray(data[rows]), w.qtype)
-        bound = ggml_bound(x[tokens], dequantize_rows(np.asarray(data[rows]), w.qtype), w.qtype)
+        picked = np.asarray(data[rows])
+        ours = matmul(x, picked, w.qtype)[tokens]  # all the tokens: the path the forward takes
+        theirs = ggml_cpu_matmul(x[tokens], picked, w.qtype)
+        bound = ggml_bound(x[tokens], dequantize_rows(picked, w.qtype), w.qtype)
         self.worst = max(self.worst, float(np.max(np.abs(ours - theirs) / bound)))
         self.products += 1
 
