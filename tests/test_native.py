@@ -191,12 +191,13 @@ def compare(name, want, got, check, bounds):
 # only as fallbacks): the experts and attention in that type, attn_k/attn_v Q8_0 (8 experts),
 # output Q6_K. Q4_1 and Q5_1 meet llama.cpp's Q8_1 activations, whose block sums it keeps as a
 # half float; the native product adds that rounding back (kernels/matmul.py), which ProductCheck
-# holds to ggml's own product (without it, this Q5_1 file's products lie up to 24 times their
-# bound from ggml's, Q4_1's 33 times; test_matmul.test_ggml_bound_catches_exact_block_sums). Measured max (mean) with OpenBLAS's SkylakeX kernel / its Haswell
-# kernel / llama.cpp built for AVX2 as well: Q4_0 0.19 (0.010) / 0.19 (0.010) / 0.19 (0.0099),
-# Q5_0 0.19 (0.017) / 0.19 (0.017) / 0.19 (0.018), Q4_1 0.16 (0.0097) / 0.17 (0.0045) / 0.17
-# (0.0046), Q5_1 0.083 (0.00035) / 0.19 (0.0086) / 0.18 (0.013); top-1 >= 98.5%: roundings
-# decided apart, as above, and bounded alike.
+# holds to ggml's own product: without it, this Q5_1 file's products lie up to 24 times their
+# bound from ggml's, Q4_1's 33 times (test_matmul.test_ggml_bound_catches_exact_block_sums).
+# Measured max (mean) with OpenBLAS's SkylakeX kernel / its Haswell kernel / llama.cpp built for
+# AVX2 as well: Q4_0 0.19 (0.010) / 0.19 (0.010) / 0.19 (0.0099), Q5_0 0.19 (0.017) / 0.19
+# (0.017) / 0.19 (0.018), Q4_1 0.16 (0.0097) / 0.17 (0.0045) / 0.17 (0.0046), Q5_1 0.083
+# (0.00035) / 0.19 (0.0086) / 0.18 (0.013); top-1 >= 98.5%: roundings decided apart, as above,
+# bounded alike.
 LEGACY_TOLERANCE = {t: FLIPS for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1")}
 
 
@@ -311,9 +312,9 @@ def test_greedy_continuation_equals_llama_cpp(file_type, converted, monkeypatch)
     """The same 64 greedy tokens, decoding one at a time (each product of the first step held to
     ggml's, as ProductCheck does). The two may part only at a token where llama.cpp's top two
     lie closer than their logits may differ (test_native's bounds: float32 slack for F32, the
-    simulated F16 rounding for F16, a flipped rounding's reach for Q8_0); measured on AVX-512
-    with either OpenBLAS kernel, none parts (smallest margins on the way: F32 0.0069, F16 0.010,
-    Q8_0 0.034)."""
+    simulated F16 rounding for F16, a flipped rounding's reach for Q8_0). Measured on AVX-512
+    with either OpenBLAS kernel and with llama.cpp built for AVX2, none parts (smallest margins
+    on the way: F32 0.0069, F16 0.009-0.010, Q8_0 0.030-0.034)."""
     path = converted("mixtral", file_type)
     llm = load_llama(path, n_ctx=256)
     ids = llm.tokenize(PROMPT.encode(), add_bos=True)
