@@ -1,5 +1,6 @@
 """`matmul` from the stored bytes: the fast kernels (dot.py) against the plain integer reading
-(dot_ref.py) and against dequantize-then-multiply (`matmul_ref`).
+(dot_ref.py), against dequantize-then-multiply (`matmul_ref`), and against llama.cpp's own CPU
+kernels on this machine (ggml's `from_float` and `vec_dot` for the type, through ctypes).
 
 Tolerances. The fast kernels and dot_ref compute the same integers (the same activation
 quants, the same block decomposition); they differ only in float32 summation order, so they
@@ -11,9 +12,20 @@ loose (errors of opposite signs cancel), so the tests also hold the error to 6 s
 deviations of its expected spread: each rounding error is uniform over a step of xd, variance
 xd^2 / 12, so sd = sqrt(sum_i w_i^2 xd_b(i)^2 / 12), about 2^-7 of |x| |w| / sqrt(3) for
 Gaussian x; a kernel that drops a single 32-value sub-block misses this one.
+
+Against ggml's CPU kernels the activations are quantized alike (the same Q8_0, Q8_1 or Q8_K
+blocks, to the bit), so float32 summation order is again the whole difference: the same 1e-5
+slack, whichever SIMD path this CPU's llama.cpp takes (measured at most 0.14 of it on an AVX-512
+EPYC). The float types are the exception: ggml converts the activations to the weight's type
+first (vec_dot_type F16, BF16), which moves each by up to its unit roundoff (2^-11, 2^-8).
 """
 
 from __future__ import annotations
+
+import ctypes
+import glob
+import os
+from functools import cache
 
 import numpy as np
 import pytest
@@ -67,6 +79,64 @@ def quantization_bound(x: np.ndarray, w_float: np.ndarray, block: int) -> tuple[
     return worst + half, 6 * sd + half
 
 
+_FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+_VEC_DOT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+class _CpuTraits(ctypes.Structure):  # struct ggml_type_traits_cpu in ggml-cpu.h
+    _fields_ = [("from_float", _FROM_FLOAT), ("vec_dot", _VEC_DOT), ("vec_dot_type", ctypes.c_int),
+                ("nrows", ctypes.c_int64)]
+
+
+@cache
+def _ggml_cpu() -> ctypes.CDLL:
+    """The libggml-cpu that llama-cpp-python ships, built for this CPU (scripts/setup)."""
+    import llama_cpp
+
+    lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    lib = ctypes.CDLL(sorted(glob.glob(os.path.join(lib_dir, "libggml-cpu.*")))[0], mode=ctypes.RTLD_GLOBAL)
+    lib.ggml_cpu_init.restype = None
+    lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_CpuTraits)
+    lib.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+    lib.ggml_cpu_init()  # its FP16 tables
+    return lib
+
+
+def ggml_cpu_matmul(x: np.ndarray, w: np.ndarray, qtype: QType) -> np.ndarray:
+    """x @ W.T (T, N) as llama.cpp's CPU backend computes a product on this machine: each
+    activation row converted to the type's vec_dot_type by that type's `from_float` (Q8_0, Q8_1,
+    Q8_K, F16, BF16), then the type's `vec_dot` against each weight row (as stored, one per row of
+    `w`). The repacked kernels llama.cpp takes for some types on some CPUs compute the same
+    integers and differ from these only in float summation order."""
+    lib = _ggml_cpu()
+    traits = lib.ggml_get_type_traits_cpu(int(qtype)).contents
+    to_dot = lib.ggml_get_type_traits_cpu(traits.vec_dot_type).contents.from_float
+    block, nbytes = GGML_QUANT_SIZES[QType(traits.vec_dot_type)]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    w = np.ascontiguousarray(w)
+    t, k = x.shape
+    xq = np.zeros((t, k // block * nbytes), dtype=np.uint8)
+    out, s = np.zeros((t, w.shape[0]), dtype=np.float32), np.zeros(1, dtype=np.float32)
+    for r in range(t):
+        to_dot(x[r].ctypes.data, xq[r].ctypes.data, k)
+        for n in range(w.shape[0]):
+            traits.vec_dot(k, s.ctypes.data, 0, w[n].ctypes.data, 0, xq[r].ctypes.data, 0, 1)
+            out[r, n] = s[0]
+    return out
+
+
+# how far ggml's conversion of the activations to the weight's type moves each: its unit roundoff
+ACTIVATION_ROUNDING = {QType.F16: 2.0**-11, QType.BF16: 2.0**-8}
+
+
+def ggml_bound(x: np.ndarray, w_float: np.ndarray, qtype: QType) -> np.ndarray:
+    """(T, N): the most |matmul - ggml_cpu_matmul| may be: float32 summation order, and for the
+    float types ggml's rounding of x to the weight's type (its unit roundoff times sum |x| |w|)."""
+    scale = np.abs(x.astype(np.float64)) @ np.abs(w_float.astype(np.float64)).T
+    return (FLOAT_SLACK + ACTIVATION_ROUNDING.get(qtype, 0.0)) * scale + 1e-30
+
+
 @pytest.mark.parametrize("qtype,k", CASES, ids=[f"{t.name}-{k}" for t, k in CASES])
 def test_matmul_quantized(qtype, k):
     rng = np.random.default_rng(k + int(qtype))
@@ -97,6 +167,45 @@ def test_bound_is_tight_enough_to_fail():
     _, typical = quantization_bound(x, w_float, 256)
     caught = np.abs(broken - matmul_ref(x, w, QType.Q4_K)) > typical
     assert caught.any()
+
+
+FLOATS = [(QType.F32, 4096), (QType.F16, 4096), (QType.BF16, 4096)]
+
+
+@pytest.mark.parametrize("qtype,k", CASES + FLOATS, ids=[f"{t.name}-{k}" for t, k in CASES + FLOATS])
+def test_matmul_is_ggml_cpu_arithmetic(qtype, k):
+    """The product llama.cpp computes on this CPU, from the same bytes and activations, to the
+    float32 summation slack (plus ggml's rounding of the activations for F16 and BF16): the
+    activations' quantization, the block decomposition and Q8_1's half-float block sums are
+    ggml's, on whichever SIMD path (AVX2, AVX-512) this machine's llama.cpp was built for."""
+    rng = np.random.default_rng(k + int(qtype) + 7)
+    w = kernels.quantize(weight_rows(k, rng), qtype)
+    w_float = kernels.dequantize(w, qtype).reshape(-1, k)
+    for t in BATCHES:
+        x = activations(t, k, rng)
+        ours, theirs, bound = matmul(x, w, qtype), ggml_cpu_matmul(x, w, qtype), ggml_bound(x, w_float, qtype)
+        assert np.all(np.abs(ours - theirs) <= bound), f"T={t}: {np.max(np.abs(ours - theirs) / bound):.3g}x the bound"
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q5_1], ids=["Q4_1", "Q5_1"])
+def test_ggml_bound_catches_exact_block_sums(qtype):
+    """Q8_1 keeps each activation block's sum as a half float, s = fp16(amax / 127 * sum q), and
+    ggml's Q4_1/Q5_1 product meets each weight block's min m with that s. A product that used the
+    exact xd * sum q instead (localmix's did once: Q4_1 logits 1.86 off llama.cpp's) is caught by
+    the float32 bound above, at every batch size."""
+    k = 4096
+    rng = np.random.default_rng(11)
+    w = kernels.quantize(weight_rows(k, rng), qtype)
+    w_float = kernels.dequantize(w, qtype).reshape(-1, k)
+    m_at = legacy.Q4_1_M if qtype == QType.Q4_1 else legacy.Q5_1_M
+    m = w.reshape(w.shape[0], k // 32, -1)[:, :, m_at:m_at + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+    for t in BATCHES:
+        x = activations(t, k, rng)
+        _, xd, xs = dot.quantize_activations(x, dot.QK, dot.QK)
+        amax = np.abs(x.reshape(t, -1, 32)).max(-1)
+        s16 = (amax / np.float32(127.0) * xs).astype(np.float16).astype(np.float32)
+        exact_sums = matmul(x, w, qtype) - (s16 - xd * xs) @ m.T
+        assert np.any(np.abs(exact_sums - ggml_cpu_matmul(x, w, qtype)) > ggml_bound(x, w_float, qtype)), f"T={t}"
 
 
 def test_read_only_memmap_slice(tmp_path):

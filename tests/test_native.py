@@ -8,7 +8,11 @@ import threading
 import numpy as np
 import pytest
 from conftest import load_llama
+from test_matmul import ggml_bound, ggml_cpu_matmul
 
+from localmix.kernels import QType
+from localmix.kernels.matmul import dequantize_rows, matmul
+from localmix.native import model as native_model
 from localmix.native.engine import NativeEngine
 from localmix.native.model import KVCache, forward, prefill
 from localmix.native.sampler import Sampler, mt19937, uniform01
@@ -21,25 +25,47 @@ TEXT = ("[INST] Erkläre mir bitte, wie ein Mischmodell aus Experten funktionier
         "Le routeur choisit deux experts pour chaque jeton, puis combine leurs sorties.")
 PROMPT = "[INST] Erkläre mir bitte, wie ein Mischmodell aus Experten funktioniert. [/INST]"
 
-# max |native - llama.cpp| over all logits of TEXT (~70 positions x 32000), and the share of
-# positions whose top token agrees. Both quantize each product's input activations to the
-# weight's vec_dot type (Q8_0 blocks with a half-float scale, Q8_K blocks) to the bit, and
-# compute RMSNorm as ggml does; what is left is float32 summation order (the only difference at
-# F32), F16/BF16 activations that llama.cpp rounds and we do not, and what a last-bit
-# difference does downstream: it flips an activation's 8-bit rounding now and then, and the
-# tiny model's random weights magnify that (a 1-ulp change to one norm weight moves llama.cpp's
-# own Q8_0 logits by up to 0.24). Measured: F32 1.9e-5, F16 0.013, BF16 0.085, Q8_0 0.062
-# (mean 2.7e-4), Q6_K 0.20, Q4_K_M 0.18, Q3_K_M 0.22, Q2_K 0.23 (means <= 0.021); the
-# i-quants, with the K-quants' bounds: IQ4_XS 5.7e-6, IQ4_NL 0.19, IQ3_S 0.21, IQ3_M 0.26, IQ3_XS 0.20,
-# IQ3_XXS (attn_q IQ2_S, the experts IQ3_XXS) 5.7e-6 (means <= 0.011); the bounds leave room for
-# another CPU's SIMD paths.
-TOLERANCE = {  # type: (max, mean)
-    "F32": (1e-4, 1e-5), "F16": (5e-2, 5e-3), "BF16": (0.3, 0.03), "Q8_0": (0.3, 3e-3),
-    "Q6_K": (0.6, 0.01), "Q4_K_M": (0.6, 0.05), "Q3_K_M": (0.8, 0.04), "Q2_K": (0.8, 0.06),
-    "IQ4_XS": (0.6, 0.05), "IQ4_NL": (0.6, 0.05), "IQ3_S": (0.8, 0.04), "IQ3_M": (0.8, 0.04),
-    "IQ3_XS": (0.8, 0.04), "IQ3_XXS": (0.8, 0.04),
-}
-CASES = [("mixtral", t) for t in TOLERANCE] + [("mistral", "F32"), ("mistral", "Q4_K_M")]
+# How far native logits may lie from llama.cpp's, over all logits of TEXT (~65 positions x
+# 32000), and why. Each product computes what ggml's CPU kernel computes from the same bytes and
+# activations, to float32 summation order: `ProductCheck` holds every product of each forward
+# below to test_matmul.py's float32 bound. Summation orders differ by CPU, on both sides:
+# - llama.cpp (built for this CPU by scripts/setup): Q5_1 x Q8_1 is the same arithmetic on
+#   AVX2 and AVX-512 (ggml_vec_dot_q5_1_q8_1 has one x86 branch; AVX512-VNNI only sums its byte
+#   pairs with vpdpbusd, to the same integers; the activations take quantize_row_q8_1's AVX2
+#   branch on both, s = fp16(d * sum q)). What changes: wider float vectors in the F32 ops,
+#   repacked GEMMs (Q4_0, Q4_K and IQ4_NL with AVX2; Q2_K only with AVX-512) and BF16 dot
+#   products by vdpbf16ps where the CPU has AVX512_BF16.
+# - native: prefill products of the legacy types and IQ4_NL (24 tokens and more), the float
+#   products and attention go through numpy's OpenBLAS, whose SGEMM kernel OpenBLAS picks per
+#   CPU: SkylakeX on an AVX-512 CPU it knows; Haswell on AVX2, on a CPU it does not know, or
+#   under OPENBLAS_CORETYPE=Haswell. On an AVX-512 EPYC, OPENBLAS_CORETYPE=Haswell moves Q5_1's
+#   difference from 0.083 (mean 0.00035) to 0.19 (mean 0.0086): the fresh clone's figures,
+#   where the bound copied from the first (0.2, 0.002) failed.
+# Summation order alone is float32 slack: F32 2.3e-5 (mean 2.3e-6), IQ4_XS and IQ3_XXS 5.7e-6.
+# The rest are roundings the two sides decide apart. Each product first rounds its activations
+# to 8 bits (Q8_0, Q8_1, Q8_K blocks); a value within float32 noise of a rounding midpoint goes
+# one step (amax / 127 of its block) up on one side and down on the other, and the tiny model's
+# random weights carry that step to the logits of its position and the later ones. Where and
+# how often that happens depends on the CPU; how far one flip reaches depends on the model:
+# flipping the value nearest a midpoint in each of a forward's 78 quantizations in turn
+# (`flip_nearest`) moved one position's logits by up to 1.94 (IQ3_S; Q5_1 1.76, Q4_K_M 0.92,
+# Q4_1 0.64, the other 8 types measured 0.23-0.33; medians 0.07-0.14) and all logits by up to
+# 0.044 on average; the farthest are early in layer 0, where a flip changes a token's experts.
+# FLIPS allows one such flip at a position and, over all logits, about two of the farthest;
+# test_one_flipped_rounding_stays_within_the_bounds measures the farthest flips again each run.
+# What a flip bound cannot see (a wrong block layout, scale or rounding) ProductCheck sees in
+# every product. Measured on an AVX-512 EPYC with OpenBLAS's SkylakeX and Haswell kernels, and
+# with llama.cpp built for AVX2 (numpy, numba and torch on their AVX2 kernels too): max
+# 1.3e-5-0.26, means <= 0.021, top-1 >= 98.5%.
+# F16 and BF16 weights meet activations rounded to F16/BF16 in llama.cpp (their vec_dot_type)
+# and float32 ones here: that rounding is simulated in native and bounds the comparison
+# (`float_rounding_bound`).
+SLACK = (1e-4, 1e-5)  # (max, mean): float32 summation order alone
+FLIPS = (2.5, 0.1)  # 8-bit activations: roundings decided apart
+ROUNDED = ("F16", "BF16")  # bounded by `float_rounding_bound`
+QUANTIZED = ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS", "IQ4_NL", "IQ3_S", "IQ3_M", "IQ3_XS", "IQ3_XXS")
+TOLERANCE = {"F32": SLACK} | {t: FLIPS for t in QUANTIZED}
+CASES = [("mixtral", t) for t in ("F32", *ROUNDED, *QUANTIZED)] + [("mistral", "F32"), ("mistral", "Q4_K_M")]
 
 
 def llama_logits(llm, ids):
@@ -48,9 +74,56 @@ def llama_logits(llm, ids):
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
-def native_logits(path, ids):
+def native_logits(path, ids, obs=None):
     w = load_weights(path)
-    return prefill(w, ids, 0, KVCache.empty(w.hp, len(ids)), logits="all")
+    return prefill(w, ids, 0, KVCache.empty(w.hp, len(ids)), obs, logits="all")
+
+
+class ProductCheck:
+    """An observer that meets each product of a forward, on the activations it really gets, with
+    ggml's CPU kernel for its type (test_matmul.ggml_cpu_matmul): a few tokens and up to 64 rows
+    of each, held to test_matmul's float32 bound. This is the comparison with llama.cpp that no
+    rounding flip upsets: each product on the same inputs, not the whole chain."""
+
+    def __init__(self):
+        self.worst, self.products = 0.0, 0
+
+    def routed(self, layer, experts, weights):
+        pass
+
+    def product(self, w, x, expert):
+        data = w.data if expert is None else w.data[expert]
+        tokens = np.unique(np.linspace(0, len(x) - 1, min(len(x), 3)).astype(int))
+        rows = np.unique(np.linspace(0, data.shape[0] - 1, min(data.shape[0], 64)).astype(int))
+        picked = np.asarray(data[rows])
+        ours = matmul(x, picked, w.qtype)[tokens]  # all the tokens: the path the forward takes
+        theirs = ggml_cpu_matmul(x[tokens], picked, w.qtype)
+        bound = ggml_bound(x[tokens], dequantize_rows(picked, w.qtype), w.qtype)
+        self.worst = max(self.worst, float(np.max(np.abs(ours - theirs) / bound)))
+        self.products += 1
+
+
+def float_rounding_bound(path, ids, got, monkeypatch):
+    """(max, mean) for F16/BF16 files. llama.cpp rounds each product's activations to the
+    weight's type (F16 or BF16, its vec_dot_type; on x86 its F16 and BF16 GEMMs take no float32
+    activations) and native does not. Native with that rounding simulated moves by d; the rest of
+    llama.cpp's difference is float noise deciding some of those roundings the other way, each an
+    activation moved by one F16/BF16 step, which measured half of d or less (F16: d = 0.013, the
+    rest 0.0064; BF16: d = 0.090, the rest 0.040); the bound allows as much again, 2 d, plus the
+    float32 slack."""
+    def rounded(x, w, qtype):
+        if qtype == QType.F16:
+            x = x.astype(np.float16).astype(np.float32)
+        elif qtype == QType.BF16:  # GGML_FP32_TO_BF16: round to nearest even on the upper half
+            bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+            x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).view(np.float32)
+        return matmul(x, w, qtype)
+
+    with monkeypatch.context() as m:
+        m.setattr(native_model, "matmul", rounded)
+        d = np.abs(native_logits(path, ids) - got)
+    print(f"native with llama.cpp's rounding of the activations moves by {d.max():.3g} (mean {d.mean():.3g})")
+    return 2 * d.max() + SLACK[0], 2 * d.mean() + SLACK[1]
 
 
 @pytest.fixture(scope="module")
@@ -94,25 +167,38 @@ IMATRIX_MIXES = ("IQ3_XS", "IQ3_XXS")
 
 
 @pytest.mark.parametrize("model,file_type", CASES)
-def test_logits_match_llama_cpp(model, file_type, converted, ids, request):
+def test_logits_match_llama_cpp(model, file_type, converted, ids, request, monkeypatch):
     path = request.getfixturevalue("with_imatrix")(file_type) if file_type in IMATRIX_MIXES else converted(model, file_type)
-    want, got = llama_logits(load_llama(path, n_ctx=256), ids), native_logits(path, ids)
+    check = ProductCheck()
+    want, got = llama_logits(load_llama(path, n_ctx=256), ids), native_logits(path, ids, check)
+    compare(f"{model} {file_type}", want, got, check,
+            float_rounding_bound(path, ids, got, monkeypatch) if file_type in ROUNDED else TOLERANCE[file_type])
+
+
+def compare(name, want, got, check, bounds):
+    """Each product to ggml's within the float32 bound; the logits within `bounds` (max, mean)."""
     diff = np.abs(got - want)
     top1 = (got.argmax(-1) == want.argmax(-1)).mean()
-    print(f"\n{model} {file_type}: max |native - llama.cpp| {diff.max():.3g}, mean {diff.mean():.3g}, top-1 {top1:.1%}")
-    max_bound, mean_bound = TOLERANCE[file_type]
-    assert diff.max() < max_bound and diff.mean() < mean_bound
+    print(f"\n{name}: max |native - llama.cpp| {diff.max():.3g}, mean {diff.mean():.3g}, top-1 {top1:.1%}; "
+          f"{check.products} products at most {check.worst:.3g} of their bound from ggml's")
+    assert check.products > 0 and check.worst <= 1.0
+    assert diff.max() < bounds[0] and diff.mean() < bounds[1]
     assert top1 >= 0.9
     assert want.std() > 1.0  # peaked logits: a wrong layout cannot hide
 
 
 # llama.cpp's own Q4_0/Q4_1/Q5_0/Q5_1 files of the tiny Mixtral (localmix writes these types
 # only as fallbacks): the experts and attention in that type, attn_k/attn_v Q8_0 (8 experts),
-# output Q6_K. Measured max |native - llama.cpp| (mean, top-1): Q4_0 0.19 (0.010, 98.5%), Q5_0
-# 0.19 (0.018, 100%), Q4_1 0.16 (0.0097, 100%), Q5_1 0.083 (0.00035, 100%). Q4_1 and Q5_1 meet
-# llama.cpp's Q8_1 activations, whose block sums it keeps as a half float; the native product
-# adds that rounding back (kernels/matmul.py), without which Q4_1 was off by 1.86 and Q5_1 by 0.29.
-LEGACY_TOLERANCE = {"Q4_0": (0.4, 0.02), "Q4_1": (0.35, 0.02), "Q5_0": (0.4, 0.03), "Q5_1": (0.2, 0.002)}
+# output Q6_K. Q4_1 and Q5_1 meet llama.cpp's Q8_1 activations, whose block sums it keeps as a
+# half float; the native product adds that rounding back (kernels/matmul.py), which ProductCheck
+# holds to ggml's own product: without it, this Q5_1 file's products lie up to 24 times their
+# bound from ggml's, Q4_1's 33 times (test_matmul.test_ggml_bound_catches_exact_block_sums).
+# Measured max (mean) with OpenBLAS's SkylakeX kernel / its Haswell kernel / llama.cpp built for
+# AVX2 as well: Q4_0 0.19 (0.010) / 0.19 (0.010) / 0.19 (0.0099), Q5_0 0.19 (0.017) / 0.19
+# (0.017) / 0.19 (0.018), Q4_1 0.16 (0.0097) / 0.17 (0.0045) / 0.17 (0.0046), Q5_1 0.083
+# (0.00035) / 0.19 (0.0086) / 0.18 (0.013); top-1 >= 98.5%: roundings decided apart, as above,
+# bounded alike.
+LEGACY_TOLERANCE = {t: FLIPS for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1")}
 
 
 @pytest.fixture(scope="module")
@@ -137,14 +223,51 @@ def test_legacy_type_logits_match_llama_cpp(file_type, legacy_file, ids):
     path = legacy_file(file_type)
     types = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
     assert types["blk.0.ffn_gate_exps.weight"] == types["blk.1.attn_q.weight"] == GGMLQuantizationType[file_type]
-    want, got = llama_logits(load_llama(path, n_ctx=256), ids), native_logits(path, ids)
-    diff = np.abs(got - want)
-    top1 = (got.argmax(-1) == want.argmax(-1)).mean()
-    print(f"\nmixtral {file_type}: max |native - llama.cpp| {diff.max():.3g}, mean {diff.mean():.3g}, top-1 {top1:.1%}")
-    max_bound, mean_bound = LEGACY_TOLERANCE[file_type]
-    assert diff.max() < max_bound and diff.mean() < mean_bound
-    assert top1 >= 0.9
-    assert want.std() > 1.0
+    check = ProductCheck()
+    want, got = llama_logits(load_llama(path, n_ctx=256), ids), native_logits(path, ids, check)
+    compare(f"mixtral {file_type}", want, got, check, LEGACY_TOLERANCE[file_type])
+
+
+def flip_nearest(xq, xs, x, block, span):
+    """The 8-bit activation rounding nearest its midpoint, decided the other way: one step
+    toward the other side (and its span's sum with it)."""
+    n_t, k = x.shape
+    amax = np.abs(x.reshape(n_t, -1, block)).max(-1, keepdims=True)
+    v = (x.reshape(n_t, -1, block) * (np.float32(127.0) / np.where(amax > 0, amax, 1))).reshape(n_t, k)
+    t, i = np.unravel_index(np.argmin(np.abs(np.abs(v - xq) - 0.5)), v.shape)
+    step = 1 if v[t, i] > xq[t, i] else -1
+    xq, xs = xq.copy(), xs.copy()
+    xq[t, i] += step
+    xs[t, i // span] += step
+    return xq, xs
+
+
+def test_one_flipped_rounding_stays_within_the_bounds(converted, ids, monkeypatch):
+    """FLIPS, measured: in each of the first layer's three attention products (whose flips reach
+    furthest: every later position, through both layers), the activation nearest a rounding
+    midpoint is rounded the other way, as float32 noise may round it on another CPU or in
+    llama.cpp. Each moves the logits by more than float32 slack could (so the comparisons
+    need FLIPS, not SLACK) and stays within FLIPS."""
+    from localmix.kernels import dot
+
+    path = converted("mixtral", "IQ3_S")  # the farthest reach measured (1.94)
+    base, quantize = native_logits(path, ids), dot.quantize_activations
+    reach = []
+    for target in range(3):
+        calls = iter(range(1 << 20))
+
+        def flipped(x, block, span, target=target, calls=calls):
+            xq, xd, xs = quantize(x, block, span)
+            if next(calls) == target:
+                xq, xs = flip_nearest(xq, xs, x, block, span)
+            return xq, xd, xs
+
+        monkeypatch.setattr(dot, "quantize_activations", flipped)
+        diff = np.abs(native_logits(path, ids) - base)
+        reach.append((float(diff.max()), float(diff.mean())))
+    print(f"\none flipped rounding: (max, mean) {reach}")
+    assert max(r[0] for r in reach) > 0.5
+    assert all(r[0] < FLIPS[0] and r[1] < FLIPS[1] for r in reach)
 
 
 @pytest.mark.parametrize("model", ["mixtral", "mistral"])
@@ -173,26 +296,39 @@ def llama_greedy(llm, ids, n):
     return out, margins
 
 
-def native_greedy(path, ids, n):
+def native_greedy(path, ids, n, obs=None):
+    """n greedy tokens after ids; `obs` watches the first decoding step (one token)."""
     w = load_weights(path)
     cache = KVCache.empty(w.hp, len(ids) + n)
     logits, out = prefill(w, ids, 0, cache), []
     for i in range(n):
         out.append(int(np.argmax(logits[-1])))
-        logits = forward(w, [out[-1]], len(ids) + i, cache)
+        logits = forward(w, [out[-1]], len(ids) + i, cache, obs if i == 0 else None)
     return out
 
 
 @pytest.mark.parametrize("file_type", ["F32", "F16", "Q8_0"])
-def test_greedy_continuation_equals_llama_cpp(file_type, converted):
+def test_greedy_continuation_equals_llama_cpp(file_type, converted, monkeypatch):
+    """The same 64 greedy tokens, decoding one at a time (each product of the first step held to
+    ggml's, as ProductCheck does). The two may part only at a token where llama.cpp's top two
+    lie closer than their logits may differ (test_native's bounds: float32 slack for F32, the
+    simulated F16 rounding for F16, a flipped rounding's reach for Q8_0). Measured on AVX-512
+    with either OpenBLAS kernel and with llama.cpp built for AVX2, none parts (smallest margins
+    on the way: F32 0.0069, F16 0.009-0.010, Q8_0 0.030-0.034)."""
     path = converted("mixtral", file_type)
     llm = load_llama(path, n_ctx=256)
     ids = llm.tokenize(PROMPT.encode(), add_bos=True)
     want, margins = llama_greedy(llm, ids, 64)
-    got = native_greedy(path, ids, 64)
+    check = ProductCheck()
+    got = native_greedy(path, ids, 64, check)
     assert len(set(want)) > 8  # a real continuation
+    assert check.products > 0 and check.worst <= 1.0
     first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
-    assert first is None, f"parts from llama.cpp's at token {first}, where llama.cpp's top-2 margin is {margins[first]:.3g}"
+    if first is not None:
+        bound = {"F32": SLACK, "Q8_0": FLIPS}.get(file_type)
+        bound = bound or float_rounding_bound(path, ids, native_logits(path, ids), monkeypatch)
+        assert margins[first] < 2 * bound[0], (  # each of the two may move by the bound
+            f"parts from llama.cpp's at token {first}, where llama.cpp's top-2 margin is {margins[first]:.3g}")
 
 
 class Recorder:

@@ -1,13 +1,14 @@
 """The native engine on GGUFs made elsewhere: tied embeddings (no output.weight), the legacy
-types llama.cpp's quantizer writes (Q4_0, Q4_1, Q5_0, Q5_1), logits matching llama.cpp's within
-the tolerances of test_native.py; any other architecture gets one line pointing to llama.cpp."""
+types llama.cpp's quantizer writes (Q4_0, Q4_1, Q5_0, Q5_1), each product held to ggml's and the
+logits matching llama.cpp's within the bounds of test_native.py (whose comment says why); any
+other architecture gets one line pointing to llama.cpp."""
 
 import gguf
 import numpy as np
 import pytest
 from conftest import load_llama, run_localmix
 from llama_quantize import llama_model_quantize
-from test_native import TEXT, TOLERANCE, llama_logits, native_logits
+from test_native import TEXT, TOLERANCE, ProductCheck, llama_logits, native_logits
 
 
 def rewrite(src, dst, drop=(), arch=None):
@@ -46,12 +47,17 @@ def tied(converted, tmp_path_factory):
 
 
 def _compare(path, ids, bounds, spread=None):
-    """Native logits against llama.cpp's within `bounds` (test_native's (max, mean)); with
-    `spread`, the bounds are in units of that logit spread (std) and scaled to this file's."""
-    want, got = llama_logits(load_llama(path, n_ctx=256), ids), native_logits(path, ids)
+    """Each product of the forward against ggml's CPU kernel (test_native.ProductCheck), and
+    native logits against llama.cpp's within `bounds` (test_native's (max, mean)); with `spread`,
+    the bounds are in units of that logit spread (std) and scaled to this file's: float32
+    rounding, and a flipped rounding's reach, grow with the logits."""
+    check = ProductCheck()
+    want, got = llama_logits(load_llama(path, n_ctx=256), ids), native_logits(path, ids, check)
     err = np.abs(got - want)
     scale = want.std() / spread if spread else 1.0
-    print(f"\n{path.name}: max {err.max():.3g}, mean {err.mean():.3g}, logit std {want.std():.3g}")
+    print(f"\n{path.name}: max {err.max():.3g}, mean {err.mean():.3g}, logit std {want.std():.3g}; "
+          f"{check.products} products at most {check.worst:.3g} of their bound from ggml's")
+    assert check.products > 0 and check.worst <= 1.0
     assert err.max() < bounds[0] * scale and err.mean() < bounds[1] * scale
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
 
@@ -83,7 +89,7 @@ def test_legacy_types_from_llama_cpp(file_type, converted, ids, tmp_path):
     llama_model_quantize(converted("mixtral", "F32"), out, file_type)
     kinds = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
     assert file_type in kinds
-    _compare(out, ids, TOLERANCE["Q4_K_M"])
+    _compare(out, ids, TOLERANCE["Q4_K_M"])  # the 8-bit activations' bound, as every quantized type
 
 
 def test_another_architecture_gets_one_line(converted, tmp_path):
