@@ -15,6 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGUFReader
 from llama_quantize import llama_model_quantize
 
 from localmix.convert.fit import Curve, candidate_types, solve
+from localmix.convert.imatrix import load_imatrix
 from localmix.kernels import QType
 
 
@@ -60,7 +61,8 @@ def test_fit_within_budget_llama_cpp_bytes_and_a_saved_mix(converted, tiny_mixtr
     text.write_text(TEXT)
     budget = converted("mixtral", "Q3_K_M").stat().st_size
     out, mix_file = tmp_path / "fit.gguf", tmp_path / "mix.json"
-    r = run_localmix("quantize", tiny_mixtral, out, "--fit", str(budget), "--text", text, "--save-mix", mix_file)
+    r = run_localmix("quantize", tiny_mixtral, out, "--fit", str(budget), "--text", text, "--save-mix", mix_file,
+                     "--save-imatrix", tmp_path / "im.gguf")
     assert r.returncode == 0, r.stderr
     assert "down" in r.stderr and "token_embd" in r.stderr and "Q8_0" in r.stderr  # the mix, as a table
     size = out.stat().st_size
@@ -77,7 +79,8 @@ def test_fit_within_budget_llama_cpp_bytes_and_a_saved_mix(converted, tiny_mixtr
 
     # llama.cpp's quantizer with the same per-tensor types (its tensor-type overrides) writes the same bytes
     ref = tmp_path / "llama.gguf"
-    llama_model_quantize(converted("mixtral", "F32"), ref, "Q4_K_M", tensor_types=types)
+    llama_model_quantize(converted("mixtral", "F32"), ref, "Q4_K_M", tensor_types=types,
+                         imatrix=load_imatrix(tmp_path / "im.gguf"))  # the matrix --fit collected and wrote with
     ours = {t.name: t for t in GGUFReader(out).tensors}
     theirs = GGUFReader(ref).tensors
     assert len(theirs) == len(ours)
