@@ -64,13 +64,7 @@ def _load_gguf(path: Path) -> dict[str, np.ndarray]:
     for name, p in parts.items():
         if len(p) != 2:
             raise InputError(f"{path}: mismatched sums and counts for {name}")
-        sums, counts = p[".in_sum2"], np.rint(p[".counts"]).astype(np.int64)
-        per = sums.reshape(len(counts), -1)
-        values = np.ones_like(per)
-        for j, c in enumerate(counts):
-            if c > 0:
-                values[j] = per[j] / np.float32(c)
-        entries[name] = values.ravel()
+        entries[name] = mean_squares(p[".in_sum2"], p[".counts"])
     return entries
 
 
@@ -139,3 +133,16 @@ def tensor_importance(imatrix: dict[str, np.ndarray] | None, name: str, shape: t
         raise InputError(f"imatrix has {values.size} values for {name}, the tensor needs {n_expert * shape[-1]}: "
                          "was it computed for another model?")
     return values.reshape(n_expert, shape[-1])
+
+
+def mean_squares(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The importance vector llama.cpp's quantizer reads from an imatrix entry: per expert (a row
+    of `sums` per count), the float32 sums of squares over the float32 count, or 1s where no
+    token reached the expert."""
+    counts = np.rint(counts).astype(np.int64)
+    per = np.asarray(sums).reshape(len(counts), -1)
+    values = np.ones_like(per)
+    for j, c in enumerate(counts):
+        if c > 0:
+            values[j] = per[j] / np.float32(c)
+    return values.ravel()

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from localmix.convert.imatrix import save_imatrix
+from localmix.convert.imatrix import mean_squares, save_imatrix
 from localmix.errors import InputError
 from localmix.gguf.read import field_value
 from localmix.native.model import KVCache, prefill
@@ -84,15 +84,7 @@ def importance(imatrix: dict) -> dict[str, np.ndarray]:
     """{tensor name: importance vector} of what `compute_imatrix` returned, as llama.cpp's
     quantizer (and convert.imatrix.load_imatrix) reads them from the saved file: per expert,
     the float32 sums over the float32 count, or 1s where no token reached the expert."""
-    out = {}
-    for name, sums in imatrix["sums"].items():
-        counts = np.rint(imatrix["counts"][name]).astype(np.int64)
-        values = np.ones_like(sums)
-        for j, c in enumerate(counts):
-            if c > 0:
-                values[j] = sums[j] / np.float32(c)
-        out[name] = values.ravel()
-    return out
+    return {name: mean_squares(sums, imatrix["counts"][name]) for name, sums in imatrix["sums"].items()}
 
 
 def write_imatrix(out: str | Path, imatrix: dict, dataset: str = "text", force: bool = False) -> Path:
