@@ -1,20 +1,26 @@
-"""Shared fixtures: tiny checkpoints and their GGUF conversions, built once per session.
+"""Shared fixtures: tiny checkpoints, their GGUF conversions and llama.cpp's quantizations of
+them, built once per run.
 
 Locally a test whose tool or extra is missing (tmux, torch, transformers, mistral-common)
 skips, and `-rs` lists why. Under CI=true (.ci/run) nothing may be missing: a skip, at
 collection or in a test, is reported as a failure.
+
+A file that takes seconds to build is built by whichever pytest-xdist worker first asks for it,
+under a lock, in a folder all workers share (`built_once`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
-from localmix.convert.pipeline import convert
 from localmix.fixtures.tiny import TinySpec, make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,33 +51,84 @@ def pytest_make_collect_report(collector):
 
 
 @pytest.fixture(scope="session")
-def tiny_mixtral(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-mixtral")
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder of this run that every pytest-xdist worker sees (the base temporary folder
+    without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def built_once(path: Path, build: Callable[[Path], object]) -> Path:
+    """`path`, made by `build(somewhere)` once in the run: the first worker to ask builds it
+    (beside it, then renamed, so that it appears whole) while the others wait on the lock."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            scratch = path.with_name(f".building-{path.name}")
+            if scratch.is_dir():  # left by a build that failed
+                shutil.rmtree(scratch)
+            scratch.unlink(missing_ok=True)
+            build(scratch)
+            os.replace(scratch, path)
+    return path
+
+
+CHECKPOINTS = {  # model: (folder, make_tiny_checkpoint's arguments)
+    "mixtral": ("tiny-mixtral", {}),
+    "mistral": ("tiny-mistral", {"dense": True}),
+    # Mixtral 8x22B-Instruct's design: the v3 tokenizer (32768 pieces), 64K context, its template
+    "mixtral-8x22b": ("tiny-8x22b", {"spec": TinySpec.mixtral_8x22b()}),
+}
+
+
+def checkpoint(shared_dir: Path, model: str) -> Path:
+    folder, kwargs = CHECKPOINTS[model]
+    return built_once(shared_dir / "ckpt" / folder, lambda out: make_tiny_checkpoint(out, **kwargs))
 
 
 @pytest.fixture(scope="session")
-def tiny_mistral(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-mistral", dense=True)
+def tiny_mixtral(shared_dir) -> Path:
+    return checkpoint(shared_dir, "mixtral")
 
 
 @pytest.fixture(scope="session")
-def tiny_8x22b(tmp_path_factory) -> Path:
-    """Mixtral 8x22B-Instruct's design: the v3 tokenizer (32768 pieces), 64K context, its template."""
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-8x22b", TinySpec.mixtral_8x22b())
+def tiny_mistral(shared_dir) -> Path:
+    return checkpoint(shared_dir, "mistral")
 
 
 @pytest.fixture(scope="session")
-def converted(tmp_path_factory, tiny_mixtral, tiny_mistral, tiny_8x22b):
+def tiny_8x22b(shared_dir) -> Path:
+    return checkpoint(shared_dir, "mixtral-8x22b")
+
+
+@pytest.fixture(scope="session")
+def converted(shared_dir):
     """converted(model, type) -> path of the GGUF, converting on first use (model: mixtral,
     mistral, or mixtral-8x22b)."""
-    out_dir = tmp_path_factory.mktemp("gguf")
-    cache: dict[tuple[str, str], Path] = {}
-    sources = {"mixtral": tiny_mixtral, "mistral": tiny_mistral, "mixtral-8x22b": tiny_8x22b}
+    from localmix.convert.pipeline import convert
 
     def get(model: str, file_type: str) -> Path:
-        if (model, file_type) not in cache:
-            cache[model, file_type] = convert(sources[model], out_dir / f"{model}-{file_type}.gguf", file_type).path
-        return cache[model, file_type]
+        src = checkpoint(shared_dir, model)
+        return built_once(shared_dir / "gguf" / f"{model}-{file_type}.gguf",
+                          lambda out: convert(src, out, file_type))
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def quantized_by_llama(shared_dir, converted):
+    """quantized_by_llama(model, type) -> path of llama.cpp's own quantization
+    (llama_model_quantize) of converted(model, "F32"), made on first use."""
+    from llama_quantize import llama_model_quantize
+
+    def get(model: str, file_type: str) -> Path:
+        f32 = converted(model, "F32")
+        return built_once(shared_dir / "llama" / f"{model}-{file_type}.gguf",
+                          lambda out: llama_model_quantize(f32, out, file_type, nthread=THREADS))
 
     return get
 
