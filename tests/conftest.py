@@ -5,8 +5,11 @@ Locally a test whose tool or extra is missing (tmux, torch, transformers, mistra
 skips, and `-rs` lists why. Under CI=true (.ci/run) nothing may be missing: a skip, at
 collection or in a test, is reported as a failure.
 
-A file that takes seconds to build is built by whichever pytest-xdist worker first asks for it,
-under a lock, in a folder all workers share (`built_once`).
+The suite runs on pytest-xdist's workers (pyproject's addopts; `-n 0` runs it in one process),
+each pinned to its share of the cores. A file that takes seconds to build is built by whichever
+worker first asks for it, under a lock, in a folder all workers share (`built_once`). A test
+file runs whole on one worker, so that its module-scoped fixtures are built once, except the
+files in SPREAD, whose tests go to the workers one by one (`work_unit`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,32 @@ from filelock import FileLock
 from localmix.fixtures.tiny import TinySpec, make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-THREADS = min(2, os.cpu_count() or 1)
+
+
+def _cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def _pin_worker() -> None:
+    """Each pytest-xdist worker on its own share of the cores, and all it starts with it: numba
+    and llama.cpp (localmix's default and THREADS) size their thread pools by the affinity, so
+    two workers on two cores run one thread each. Unpinned, llama.cpp's threads spin at their
+    barriers while the other worker holds the core they wait for (measured on 2 cores: 82 tests
+    of runs, prompts and conversions 73-83 s pinned, 90-95 s not, 148 s in one process)."""
+    worker, workers = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker is None or workers < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus, i = _cpus(), int(worker.removeprefix("gw"))
+    mine = cpus[i::workers] or [cpus[i % len(cpus)]]
+    os.sched_setaffinity(0, mine)
+    if "numba" in sys.modules:  # imported already, its pool sized for all the cores
+        import numba
+
+        numba.set_num_threads(min(len(mine), numba.config.NUMBA_NUM_THREADS))
+
+
+_pin_worker()  # before numba is imported: it reads the affinity once
+THREADS = min(2, len(_cpus()))  # llama.cpp's threads in the tests' own calls
 
 
 def _under_ci() -> bool:
@@ -48,6 +76,48 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _fail_skip(outcome.get_result())
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: a worker per usable core, at most 4 (each holds its own models and libraries)."""
+    return min(len(_cpus()), 4)
+
+
+# Under pytest-xdist a test file runs whole on one worker, so that its module-scoped fixtures are
+# built once, and the server tests (test_server*.py) all run on one worker, which starts the
+# shared `server` once. The files named here are the exception: their tests are independent and
+# long, use no module-scoped fixture, and go to the workers one by one.
+SPREAD = {"test_quantize_files.py", "test_kernels.py", "test_fit.py", "test_8x22b.py", "test_synth.py",
+          "test_matmul.py", "test_gpu_check.py", "test_offload.py", "test_run.py", "test_cli_errors.py"}
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: itself (a SPREAD file's), "server", or its file."""
+    file = nodeid.split("::", 1)[0]
+    name = file.rsplit("/", 1)[-1]
+    return nodeid if name in SPREAD else "server" if name.startswith("test_server") else file
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkUnit(LoadScopeScheduling):
+        """xdist's scheduler by scope (the largest units first), with `work_unit` as the scope."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ByWorkUnit(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        if defs is not None and work_unit(item.nodeid) == item.nodeid:
+            shared = [name for name, d in defs.name2fixturedefs.items() if d[-1].scope in ("module", "class")]
+            if shared:
+                raise pytest.UsageError(f"{item.nodeid} is in conftest's SPREAD, but its fixtures {shared} are "
+                                        "module-scoped: a worker would build them again")
 
 
 @pytest.fixture(scope="session")
