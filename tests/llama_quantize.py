@@ -6,13 +6,14 @@ import ctypes
 from pathlib import Path
 
 import numpy as np
+from conftest import THREADS
 from gguf import LlamaFileType
 
 from localmix.convert.mix import FILE_TYPES
 
 
 def llama_model_quantize(src: Path, out: Path, file_type: str, imatrix: dict[str, np.ndarray] | None = None,
-                         nthread: int = 2, allow_requantize: bool = False, tensor_types: dict[str, int] | None = None) -> None:
+                         nthread: int = THREADS, allow_requantize: bool = False, tensor_types: dict[str, int] | None = None) -> None:
     """`tensor_types` {tensor name: GGML type} are llama-quantize's --tensor-type overrides
     (`tt_overrides`: regular expressions, here each anchored to one whole name)."""
     import re

@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 from conftest import load_llama, run_localmix
 from gguf import GGUFReader
-from llama_quantize import llama_model_quantize
 from test_prompt import mistral_common_tokens
-
-from localmix.convert.pipeline import convert
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -60,10 +57,8 @@ def _kv(path):
 
 
 @pytest.mark.parametrize("file_type", ["Q3_K_M", "Q4_K_M"])
-def test_mixes_equal_llama_model_quantize(file_type, tiny_8x22b, converted, tmp_path):
-    ours = convert(tiny_8x22b, tmp_path / "ours.gguf", file_type).path
-    theirs = tmp_path / "theirs.gguf"
-    llama_model_quantize(converted("mixtral-8x22b", "F32"), theirs, file_type)
+def test_mixes_equal_llama_model_quantize(file_type, converted, quantized_by_llama):
+    ours, theirs = converted("mixtral-8x22b", file_type), quantized_by_llama("mixtral-8x22b", file_type)
     a, b = _tensors(ours), _tensors(theirs)
     assert a.keys() == b.keys()
     for name in b:

@@ -60,7 +60,7 @@ def importance(kind: str, n: int, seed: int = 1) -> np.ndarray | None:
     return qw
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: conftest spreads this file's tests over the workers
 def data() -> dict[int, tuple[list[str], np.ndarray]]:
     """{n: (family of each row, rows)}."""
     out = {}

@@ -4,7 +4,7 @@ importance matrix; and the quantized files run, with the expected loss of qualit
 
 import numpy as np
 import pytest
-from conftest import llama_logprobs, mean_kl
+from conftest import built_once, llama_logprobs, mean_kl
 from gguf import GGUFReader
 from llama_quantize import llama_model_quantize
 
@@ -18,11 +18,11 @@ DEEP = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=32, num_at
             num_key_value_heads=2, seed=1)
 
 
-@pytest.fixture(scope="module")
-def deep(tmp_path_factory):
-    base = tmp_path_factory.mktemp("deep")
-    src = make_tiny_checkpoint(base / "deep-mixtral", **DEEP)
-    f32 = convert(src, base / "deep-F32.gguf", "F32").path
+@pytest.fixture(scope="session")
+def deep(shared_dir):
+    base = shared_dir / "deep"
+    src = built_once(base / "deep-mixtral", lambda out: make_tiny_checkpoint(out, **DEEP))
+    f32 = built_once(base / "deep-F32.gguf", lambda out: convert(src, out, "F32"))
     # an importance matrix for every quantizable tensor, per expert for the stacked ones,
     # one expert with no tokens (llama.cpp then uses 1s)
     rng = np.random.default_rng(7)
@@ -34,9 +34,21 @@ def deep(tmp_path_factory):
             counts[t.name] = rng.integers(0, 500, n_expert).astype(np.float32)
             sums[t.name] = (rng.gamma(1.0, 1.0, (n_expert, shape[-1])) * counts[t.name][:, None]).astype(np.float32)
     counts["blk.3.ffn_down_exps.weight"][5] = 0
-    imatrix = base / "imatrix.gguf"
-    write_llama_imatrix(imatrix, sums, counts)
+    imatrix = built_once(base / "imatrix.gguf", lambda out: write_llama_imatrix(out, sums, counts))
     return src, f32, imatrix, llama_values(sums, counts)
+
+
+@pytest.fixture(scope="session")
+def deep_ours(deep, shared_dir):
+    """deep_ours(type, with_imatrix) -> localmix's conversion of the deep checkpoint, made once."""
+    src, _, imatrix, _ = deep
+
+    def get(file_type: str, with_imatrix: bool):
+        name = f"ours-{file_type}-{'imatrix' if with_imatrix else 'plain'}.gguf"
+        return built_once(shared_dir / "deep" / name,
+                          lambda out: convert(src, out, file_type, imatrix=imatrix if with_imatrix else None))
+
+    return get
 
 
 def write_llama_imatrix(path, sums, counts):
@@ -96,9 +108,9 @@ MIXES = [(t, m) for t in ("Q4_K_M", "Q3_K_M", "Q3_K_S", "Q4_K_S", "Q2_K", "IQ4_X
 
 
 @pytest.mark.parametrize("file_type,with_imatrix", MIXES, ids=[f"{t}-{'imatrix' if m else 'plain'}" for t, m in MIXES])
-def test_same_file_as_llama_model_quantize(file_type, with_imatrix, deep, tmp_path):
-    src, f32, imatrix, values = deep
-    ours = convert(src, tmp_path / "ours.gguf", file_type, imatrix=imatrix if with_imatrix else None).path
+def test_same_file_as_llama_model_quantize(file_type, with_imatrix, deep, deep_ours, tmp_path):
+    _, f32, _, values = deep
+    ours = deep_ours(file_type, with_imatrix)
     theirs = tmp_path / "theirs.gguf"
     llama_model_quantize(f32, theirs, file_type, values if with_imatrix else None)
     assert len(assert_same_file(ours, theirs)) >= 3  # a real mix, not one type everywhere
@@ -129,15 +141,16 @@ def test_iq3_xxs_files_need_an_imatrix(file_type, deep, tmp_path):
         llama_model_quantize(f32, tmp_path / "theirs.gguf", file_type)
 
 
-def test_gguf_source_gives_the_same_file(deep, tmp_path):
-    """`localmix quantize model-F32.gguf` equals the one-pass conversion from the checkpoint."""
-    src, f32, _, _ = deep
-    direct = convert(src, tmp_path / "direct.gguf", "Q3_K_M").path
+def test_gguf_source_gives_the_same_file(deep, deep_ours, tmp_path):
+    """`localmix quantize model-F32.gguf` equals the one-pass conversion from the checkpoint
+    (the one test_same_file_as_llama_model_quantize[Q3_K_M-plain] compares with llama.cpp's)."""
+    _, f32, _, _ = deep
+    direct = deep_ours("Q3_K_M", False)
     via = convert(f32, tmp_path / "via.gguf", "Q3_K_M").path
     assert read(direct) == read(via)
 
 
-def test_quality_is_ordered_by_bits(converted, tiny_mixtral, tmp_path):
+def test_quality_is_ordered_by_bits(converted, tiny_mixtral):
     """Mean KL divergence against the F32 file over 600 positions, per type."""
     from sentencepiece import SentencePieceProcessor
 
@@ -149,23 +162,22 @@ def test_quality_is_ordered_by_bits(converted, tiny_mixtral, tmp_path):
     ref = llama_logprobs(converted("mixtral", "F32"), ids)
     kl = {}
     for file_type in ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "Q6_K", "Q8_0"]:
-        path = converted("mixtral", file_type) if file_type == "Q8_0" else \
-            convert(tiny_mixtral, tmp_path / f"{file_type}.gguf", file_type).path
-        q = llama_logprobs(path, ids)
+        q = llama_logprobs(converted("mixtral", file_type), ids)
         kl[file_type] = mean_kl(ref, q)
     print("\nmean KL vs F32 over", len(ids), "positions:", {k: f"{v:.4g}" for k, v in kl.items()})
     values = list(kl.values())
     assert values == sorted(values, reverse=True), kl
 
 
-@pytest.fixture(scope="module")
-def odd_and_dense(tmp_path_factory):
+@pytest.fixture(scope="session")
+def odd_and_dense(shared_dir):
     """Widths that fit no K-quant block (fallbacks), and dense Mistral (counters, no experts)."""
-    base = tmp_path_factory.mktemp("odd")
-    odd = make_tiny_checkpoint(base / "odd-mixtral", hidden_size=384, intermediate_size=480, num_attention_heads=12,
-                               num_key_value_heads=4, seed=2)
-    dense = make_tiny_checkpoint(base / "dense-mistral", dense=True, num_hidden_layers=8, seed=3)
-    return {name: (src, convert(src, base / f"{name}-F32.gguf", "F32").path)
+    base = shared_dir / "odd"
+    odd = built_once(base / "odd-mixtral", lambda out: make_tiny_checkpoint(
+        out, hidden_size=384, intermediate_size=480, num_attention_heads=12, num_key_value_heads=4, seed=2))
+    dense = built_once(base / "dense-mistral", lambda out: make_tiny_checkpoint(
+        out, dense=True, num_hidden_layers=8, seed=3))
+    return {name: (src, built_once(base / f"{name}-F32.gguf", lambda out: convert(src, out, "F32")))
             for name, src in (("odd", odd), ("dense", dense))}
 
 

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from conftest import load_llama, run_localmix
 from gguf import GGUFReader
-from llama_quantize import llama_model_quantize
 
 from localmix.convert.config import ModelConfig
 from localmix.fixtures.synth import SCALES, SIGMA, random_rows, synth
@@ -22,10 +21,9 @@ def keys(path):
 
 
 @pytest.mark.parametrize("file_type", ["Q3_K_M", "Q4_K_M", "Q2_K"])
-def test_same_tensors_and_size_as_llama_cpp(tiny_mixtral, converted, file_type, tmp_path):
+def test_same_tensors_and_size_as_llama_cpp(tiny_mixtral, quantized_by_llama, file_type, tmp_path):
     ours = synth(ModelConfig.load(tiny_mixtral), file_type, tmp_path / "synth.gguf").path
-    theirs = tmp_path / "llama.gguf"
-    llama_model_quantize(converted("mixtral", "F32"), theirs, file_type)
+    theirs = quantized_by_llama("mixtral", file_type)
     assert table(ours) == table(theirs)
     assert ours.stat().st_size == pytest.approx(theirs.stat().st_size, rel=0.01)
     assert keys(ours) == keys(theirs)
