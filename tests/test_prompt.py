@@ -93,6 +93,19 @@ def test_format_is_read_from_the_file(version, kind, vocabs):
         assert vocab.special_id("[INST]") == 3 and vocab.special_id("[/INST]") == 4
 
 
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+def test_special_id_asks_the_tokenizer_and_agrees_with_the_full_scan(version, mistral_files):
+    """special_id looks a control token up by tokenizing its text (a quick start); the scan of
+    every token's attributes is the reference: the same id for each control token, None for text."""
+    asked, scanned = open_vocab(mistral_files[version]), open_vocab(mistral_files[version])
+    assert scanned.specials  # every file has at least <s> and </s>
+    for text, token in scanned.specials.items():
+        assert asked.special_id(text) == token, text
+    for text in ("[INST]", "[/INST]", "hello", "<s>x", ""):
+        assert asked.special_id(text) == scanned.specials.get(text), text
+    assert "specials" not in asked.__dict__
+
+
 def test_v3_hello_is_nine_tokens_with_inst_as_control_tokens(vocabs):
     """The issue's report: 14 tokens ("[INST]" as "▁[", "INST", "]") where mistral-common has 9."""
     vocab, metadata = vocabs["v3", "llama.cpp"]

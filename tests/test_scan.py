@@ -65,3 +65,14 @@ def test_long_arrays_go_to_the_compiled_scan():
     texts = [b"x"] * (scan.PLAIN_MAX + 1)
     buf, (s1, l1, e1), _ = _both(texts)
     assert e1 == buf.size and scan.c_string_hashes(buf, s1, l1)[1].sum() == len(texts)
+
+
+def test_hashes_agree_on_the_longest_plain_string_and_beyond():
+    """c_string_hashes steps once per byte position: the longest string it takes plainly, one
+    that ends in NUL there, and one too long for it (the compiled loop's) hash as the loop does."""
+    n = scan.LONGEST_PLAIN
+    for texts in ([b"a" * n, b"b", b""], [b"c" * (n - 1) + b"\x00", b"\x00x"], [b"d" * (n + 1), b"e"]):
+        buf, (s, l_, _), _ = _both(texts)
+        h1, c1 = scan.c_string_hashes(buf, s, l_)
+        h2, c2 = scan_jit.c_string_hashes(buf, s, l_)
+        assert (h1 == h2).all() and (c1 == c2).all()

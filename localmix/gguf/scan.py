@@ -6,9 +6,10 @@ UTF-8, and a hash of each as llama.cpp sees it (a C string).
 - `first_invalid_utf8(buf, starts, lengths)`: the index of the first string that is not strict
   UTF-8 (what Python's decoder accepts), or -1.
 - `c_string_hashes(buf, starts, lengths)`: a 64-bit FNV-1a hash of each string up to its first NUL
-  byte, and that length, for finding duplicate token texts.
+  byte, and that length, for finding duplicate token texts (numpy across the strings, one step
+  per byte position; scan_jit.py's loop per string is its reference).
 
-Each is a plain loop here, the reference; an array of more than PLAIN_MAX strings (a 128K-token
+The first two are plain loops here, the reference; an array of more than PLAIN_MAX strings (a 128K-token
 vocabulary, a hostile 64 MiB array) goes to scan_jit.py's compiled loops, which give the same
 results at machine speed. Below that the plain loops take less time than importing numba
 (a quarter of a second), which every command that opens a GGUF would otherwise pay.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 PLAIN_MAX = 65536  # strings: Mixtral's 32000 and 32768 tokens, SmolLM2's 49152, stay plain
+LONGEST_PLAIN = 4096  # bytes: c_string_hashes takes one numpy step per byte of the longest string
 FNV_OFFSET, FNV_PRIME, U64 = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
 
 
@@ -58,17 +60,28 @@ def first_invalid_utf8(buf, starts, lengths) -> int:
 
 
 def c_string_hashes(buf, starts, lengths):
-    """(FNV-1a hash, length) of each string up to its first NUL byte, as uint64 and int64 arrays."""
-    if starts.size > PLAIN_MAX:
+    """(FNV-1a hash, length) of each string up to its first NUL byte, as uint64 and int64 arrays.
+
+    One numpy step per byte position, over every string still that long: a vocabulary's tokens
+    are short, so this is a few dozen steps where a loop per byte would take 60 ms for Mixtral's.
+    A string longer than LONGEST_PLAIN (only a hostile file has one) goes to the compiled loop."""
+    if starts.size > PLAIN_MAX or (lengths.size and int(lengths.max()) > LONGEST_PLAIN):
         from localmix.gguf import scan_jit
 
         return scan_jit.c_string_hashes(buf, starts, lengths)
-    view = memoryview(buf)
-    hashes, c_lengths = np.empty(starts.size, np.uint64), np.empty(starts.size, np.int64)
-    for i, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist())):
-        text = bytes(view[start:start + length]).split(b"\0", 1)[0]
-        h = FNV_OFFSET
-        for byte in text:
-            h = ((h ^ byte) * FNV_PRIME) & U64
-        hashes[i], c_lengths[i] = h, len(text)
+    data = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf.view(np.uint8).reshape(-1)
+    starts, lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+    hashes = np.full(starts.size, FNV_OFFSET, np.uint64)
+    c_lengths = lengths.copy()
+    live = np.flatnonzero(lengths > 0)
+    for pos in range(int(lengths.max()) if lengths.size else 0):
+        byte = data[starts[live] + pos]
+        nul = byte == 0
+        if nul.any():                       # the C string ends here
+            c_lengths[live[nul]] = pos
+            live, byte = live[~nul], byte[~nul]
+        hashes[live] = (hashes[live] ^ byte) * np.uint64(FNV_PRIME)   # uint64 arithmetic wraps, as in C
+        live = live[lengths[live] > pos + 1]
+        if not live.size:
+            break
     return hashes, c_lengths

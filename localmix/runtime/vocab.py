@@ -92,8 +92,15 @@ class Vocab:
         return re.compile("|".join(map(re.escape, self.specials))) if self.specials else None
 
     def special_id(self, text: str) -> int | None:
-        """The id of the control token whose text is `text`, or None."""
-        return self.specials.get(text)
+        """The id of the control token whose text is `text`, or None. Asked as llama.cpp's
+        tokenizer would match it (one token, parsing specials), not by scanning every token's
+        attributes, which a one-shot `run` would pay for on each start."""
+        if "specials" in self.__dict__:
+            return self.specials.get(text)
+        ids = self.model.tokenize(text.encode(), False, True)
+        if len(ids) == 1 and self.is_control(ids[0]) and self.model.token_get_text(ids[0]) == text:
+            return ids[0]
+        return None
 
     def metadata(self) -> dict[str, str]:
         return self.model.metadata()
