@@ -32,14 +32,21 @@ print(out["choices"][0]["text"])
 """
 
 
-def best_of(cmd: list[str], repeat: int) -> float:
-    """The shortest wall time of `repeat` fresh runs of `cmd` (which must succeed)."""
-    times = []
+def wall_time(cmd: list[str]) -> float:
+    """The wall time of one fresh run of `cmd` (which must succeed)."""
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def best_of(cmds: dict[str, list[str]], repeat: int) -> dict[str, float]:
+    """The shortest wall time of each command over `repeat` rounds, the commands taking turns in
+    each round, so that a machine whose speed drifts (a shared host) slows them alike."""
+    times: dict[str, list[float]] = {name: [] for name in cmds}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for name, cmd in cmds.items():
+            times[name].append(wall_time(cmd))
+    return {name: min(t) for name, t in times.items()}
 
 
 def demo_model(folder: Path) -> Path:
@@ -52,7 +59,7 @@ def demo_model(folder: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="a GGUF file [default: the demo's tiny Mixtral, built here]")
-    ap.add_argument("--repeat", type=int, default=5, help="runs of each command; the best counts")
+    ap.add_argument("--repeat", type=int, default=5, help="rounds; each runs every command once, and the best of each counts")
     ap.add_argument("--tokens", type=int, default=8, help="tokens each answer generates")
     ap.add_argument("--report", type=Path, help="also write the table to this Markdown file (benchmarks/report.py)")
     args = ap.parse_args()
@@ -61,17 +68,17 @@ def main() -> None:
         prompt = "Tell me about mixtures of experts."
         localmix = [sys.executable, "-m", "localmix"]
         rows = []
-        help_s = best_of(localmix + ["--help"], args.repeat)
+        best = best_of({"help": localmix + ["--help"],
+                        "run": localmix + ["run", str(model), prompt, "-n", str(args.tokens), "--temperature", "0"],
+                        "peer": [sys.executable, "-c", PEER, str(model), prompt, str(args.tokens)]}, args.repeat)
+        help_s, run_s, peer_s = best["help"], best["run"], best["peer"]
         rows.append(["localmix --help", f"{help_s:.3f}", "", f"under {HELP_GOAL} s: {'yes' if help_s < HELP_GOAL else 'no'}"])
-        run_s = best_of(localmix + ["run", str(model), prompt, "-n", str(args.tokens), "--temperature", "0"],
-                        args.repeat)
-        peer_s = best_of([sys.executable, "-c", PEER, str(model), prompt, str(args.tokens)], args.repeat)
         extra = run_s - peer_s
         rows.append(["localmix run", f"{run_s:.3f}", f"{peer_s:.3f}",
                      f"{extra:+.3f} s, {run_s / peer_s:.2f}x; under +{RUN_EXTRA_GOAL} s: "
                      f"{'yes' if extra < RUN_EXTRA_GOAL else 'no'}"])
     header = ["command", "seconds (best)", "llama-cpp-python (best)", "against the goal"]
-    caption = f"best of {args.repeat} fresh processes; {model.name if args.model else 'the demo model'}, {args.tokens} tokens"
+    caption = f"best of {args.repeat} fresh processes, the three commands in turn; {model.name if args.model else 'the demo model'}, {args.tokens} tokens"
     print(caption)
     print(" | ".join(header))
     for row in rows:

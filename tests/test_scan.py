@@ -76,3 +76,26 @@ def test_hashes_agree_on_the_longest_plain_string_and_beyond():
         h1, c1 = scan.c_string_hashes(buf, s, l_)
         h2, c2 = scan_jit.c_string_hashes(buf, s, l_)
         assert (h1 == h2).all() and (c1 == c2).all()
+
+
+@pytest.mark.parametrize("bad", INVALID)
+def test_the_first_invalid_string_is_found_wherever_it_lies(bad):
+    """The whole-array decode names the same string as decoding each alone, wherever the bad one
+    is, even where its neighbours would complete its bytes if the strings were simply joined."""
+    rng = np.random.default_rng(len(bad))
+    for at in (0, 1, 7, 99):
+        texts = [VALID[i] for i in rng.integers(0, len(VALID), 100)]
+        texts[at] = bad
+        if at + 1 < len(texts):
+            texts[at + 1] = b"\xa9\x80\x80"   # continuation bytes: joined, a cut sequence could look whole
+        first = next(i for i, t in enumerate(texts) if not _valid(t))
+        buf, (s, l_, _), _ = _both(texts)
+        assert scan.first_invalid_utf8(buf, s, l_) == scan_jit.first_invalid_utf8(buf, s, l_) == first
+
+
+def _valid(text: bytes) -> bool:
+    try:
+        text.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False

@@ -8,7 +8,6 @@ its traceback.
 
 from __future__ import annotations
 
-import importlib.abc
 import json
 import os
 import signal
@@ -223,14 +222,19 @@ def _terminated(signum, frame):
     raise _Terminated
 
 
-class _WithoutMistralTokenizers(importlib.abc.MetaPathFinder):
+class _WithoutMistralTokenizers:
     """gguf.vocab imports mistral_common's tokenizers when they are installed (the test extra
     brings them) for a vocabulary class localmix never uses: a third of a second on every command
-    that opens a GGUF. The `localmix` program refuses that import, and gguf runs as it does where
-    mistral_common is not installed. Only the program: a process that calls `main` keeps them."""
+    that opens a GGUF. While gguf.vocab runs, the `localmix` program refuses any mistral_common
+    import, and gguf goes on as it does where mistral_common is not installed; afterwards (the
+    demo's tokenizer files) mistral_common imports as usual. Only the program: a process that
+    calls `main` keeps gguf's import as it is. A meta path finder (importlib.abc's base class
+    is not needed, and importing it costs what this saves)."""
 
     def find_spec(self, name, path=None, target=None):
-        if name == "mistral_common.tokens" or name.startswith("mistral_common.tokens."):
+        vocab = sys.modules.get("gguf.vocab")
+        if (name == "mistral_common" or name.startswith("mistral_common.")) and vocab is not None \
+                and getattr(vocab.__spec__, "_initializing", False):
             raise ModuleNotFoundError(f"{name} is not loaded by the localmix command", name=name)
         return None
 

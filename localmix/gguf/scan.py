@@ -2,26 +2,29 @@
 UTF-8, and a hash of each as llama.cpp sees it (a C string).
 
 - `string_spans(buf, at, n, limit)`: where each of an array's `n` strings starts and how long it
-  is (each is a u64 length and its bytes), and where the array ends.
+  is (each is a u64 length and its bytes), and where the array ends (a plain loop).
 - `first_invalid_utf8(buf, starts, lengths)`: the index of the first string that is not strict
-  UTF-8 (what Python's decoder accepts), or -1.
+  UTF-8 (what Python's decoder accepts), or -1 (the array decoded at once, its lengths zeroed).
 - `c_string_hashes(buf, starts, lengths)`: a 64-bit FNV-1a hash of each string up to its first NUL
   byte, and that length, for finding duplicate token texts (numpy across the strings, one step
-  per byte position; scan_jit.py's loop per string is its reference).
+  per byte position).
 
-The first two are plain loops here, the reference; an array of more than PLAIN_MAX strings (a 128K-token
-vocabulary, a hostile 64 MiB array) goes to scan_jit.py's compiled loops, which give the same
-results at machine speed. Below that the plain loops take less time than importing numba
-(a quarter of a second), which every command that opens a GGUF would otherwise pay.
+An array of more than PLAIN_MAX strings (a 128K-token vocabulary, a hostile 64 MiB array) goes to
+scan_jit.py's compiled loops, a loop per string each, which are also the reference the tests
+hold these to. Below that these take less time than importing numba (a quarter of a second),
+which every command that opens a GGUF would otherwise pay.
 """
 
 from __future__ import annotations
+
+import struct
 
 import numpy as np
 
 PLAIN_MAX = 65536  # strings: Mixtral's 32000 and 32768 tokens, SmolLM2's 49152, stay plain
 LONGEST_PLAIN = 4096  # bytes: c_string_hashes takes one numpy step per byte of the longest string
-FNV_OFFSET, FNV_PRIME, U64 = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
+FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
+_U64 = struct.Struct("<Q")
 
 
 def string_spans(buf, at: int, n: int, limit: int):
@@ -31,32 +34,63 @@ def string_spans(buf, at: int, n: int, limit: int):
         from localmix.gguf import scan_jit
 
         return scan_jit.string_spans(buf, at, n, limit)
-    view = memoryview(buf)
-    starts, lengths = np.empty(n, np.int64), np.empty(n, np.int64)
+    length_at = _U64.unpack_from
+    starts, lengths = [], []
     for i in range(n):
         if at + 8 > limit:
-            return starts, lengths, -1 - i
-        length = int.from_bytes(view[at:at + 8], "little")
+            return _filled(starts, n), _filled(lengths, n), -1 - i
+        (length,) = length_at(buf, at)
         if length > limit - at - 8:
-            return starts, lengths, -1 - i
-        starts[i], lengths[i] = at + 8, length
+            return _filled(starts, n), _filled(lengths, n), -1 - i
+        starts.append(at + 8)
+        lengths.append(length)
         at += 8 + length
-    return starts, lengths, at
+    return np.array(starts, np.int64), np.array(lengths, np.int64), at
+
+
+def _filled(values: list[int], n: int) -> np.ndarray:
+    out = np.zeros(n, np.int64)
+    out[:len(values)] = values
+    return out
 
 
 def first_invalid_utf8(buf, starts, lengths) -> int:
-    """The index of the first string that Python's strict UTF-8 decoder refuses, or -1."""
+    """The index of the first string that Python's strict UTF-8 decoder refuses, or -1.
+
+    The strings of one array lie back to back, each after its 8-byte length: with those lengths
+    zeroed (NUL is one valid byte, and ends any sequence cut short before it) the whole array is
+    decoded at once, and a refusal found there is checked on its own string. Strings that do not
+    lie so are decoded one by one."""
     if starts.size > PLAIN_MAX:
         from localmix.gguf import scan_jit
 
         return int(scan_jit.first_invalid_utf8(buf, starts, lengths))
+    starts, lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
     view = memoryview(buf)
-    for i, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist())):
+    if starts.size and (starts[1:] == starts[:-1] + lengths[:-1] + 8).all():
+        first, end = int(starts[0]), int(starts[-1] + lengths[-1])
+        region = np.frombuffer(view[first:end], np.uint8).copy()
+        gaps = (starts[1:] - 8 - first)[:, None] + np.arange(8)
+        region[gaps.reshape(-1)] = 0
         try:
-            str(view[start:start + length], "utf-8")
-        except UnicodeDecodeError:
+            region.tobytes().decode("utf-8")
+            return -1
+        except UnicodeDecodeError as e:
+            i = int(np.searchsorted(starts - first, e.start, side="right")) - 1
+            if not _decodes(view, int(starts[i]), int(lengths[i])):
+                return i   # (else a rule of the decoder's that this reasoning missed: go one by one)
+    for i, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        if not _decodes(view, start, length):
             return i
     return -1
+
+
+def _decodes(view: memoryview, start: int, length: int) -> bool:
+    try:
+        str(view[start:start + length], "utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def c_string_hashes(buf, starts, lengths):
