@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -29,3 +30,17 @@ def test_every_option_help_is_shown_whole(name):
     for text in _helps(name):
         assert " ".join(text.replace("\\[", "[").split()) in shown, (name, text)
     assert " ." not in shown.replace(" .dat", ""), name
+
+
+@pytest.mark.parametrize("name", command_names())
+def test_the_description_wraps_at_the_terminal_width(name):
+    """A command's description is re-wrapped to the terminal: in 60 columns no line of a
+    paragraph ends far short of the width while the paragraph goes on (typer keeps the
+    docstring's own line breaks unless the paragraphs are joined)."""
+    width = 60
+    text = help_text([name], width=width)
+    description = text.split("╭", 1)[0].split("Usage:", 1)[1].split("\n", 1)[1]
+    for paragraph in re.split(r"\n\s*\n", description):
+        lines = [line.strip() for line in paragraph.strip("\n").splitlines() if line.strip()]
+        for line, following in zip(lines, lines[1:]):
+            assert len(line) + 1 + len(following.split()[0]) > width - 4, (name, line)

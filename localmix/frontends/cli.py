@@ -8,6 +8,7 @@ its traceback.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -222,6 +223,15 @@ def _terminated(signum, frame):
     raise _Terminated
 
 
+def _one_line_paragraphs(typer_app: typer.Typer) -> None:
+    """Each command's help from its docstring with every paragraph joined into one line, for
+    rich to wrap at the terminal's width (typer keeps the source's line breaks, so a 100-column
+    docstring breaks mid-sentence in an 80-column terminal)."""
+    for info in typer_app.registered_commands:
+        doc = info.help or inspect.getdoc(info.callback) or ""
+        info.help = "\n\n".join(" ".join(paragraph.split()) for paragraph in doc.split("\n\n"))
+
+
 class _WithoutMistralTokenizers:
     """gguf.vocab imports mistral_common's tokenizers when they are installed (the test extra
     brings them) for a vocabulary class localmix never uses: a third of a second on every command
@@ -271,3 +281,6 @@ def main(argv: list[str] | None = None) -> None:
     if code == EXIT_INTERRUPTED:
         err.print("localmix: interrupted", markup=False)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+_one_line_paragraphs(app)  # last: every command is registered above
