@@ -113,6 +113,7 @@ def serve(
     max_body: int = typer.Option(4 << 20, "--max-body", min=1024, help="Largest request body, in bytes."),
     queue: int = typer.Option(16, "--queue", min=0, help="Requests that may wait for a slot; more get 503."),
     alias: str = typer.Option(None, "--alias", help="The model's name in the API \\[default: the file's stem]."),
+    webui: bool = typer.Option(True, "--webui/--no-webui", help="Serve the chat page at /."),
     load: Load = None, sampling: Sampling = None,
 ):
     """Serve the model over HTTP to OpenAI, ollama and Mistral clients (requests batched together)."""
@@ -121,7 +122,7 @@ def serve(
 
     path = model_path(model)
     options = Options(model_name=alias or path.stem, api_key=api_key, cors=tuple(cors or ()), max_body=max_body,
-                      sampling=sampling)
+                      sampling=sampling, webui=webui)
     run_server(path, options, host=host, port=port, parallel=parallel, queue=queue, load=load,
                allow_hosts=tuple(allow_host or ()), announce=lambda line: print(line, file=sys.stderr, flush=True))
 

@@ -4,7 +4,8 @@ FastAPI on uvicorn: the request bodies are pydantic models (schemas.py), which g
 OpenAPI schema (`/openapi.json`) and the 400s for wrong types without hand-written checks, and
 uvicorn is the ASGI server the Python ecosystem runs in production. The checks are plain ASGI
 middleware, outermost first: an access-log line per request (and a JSON 500, never a
-traceback, for a bug), the Host allow-list (DNS rebinding), the API key, the body-size cap.
+traceback, for a bug), the Host allow-list (DNS rebinding), the API key (the chat page's own
+files need none: webui.py), the body-size cap.
 Errors take the shape of the dialect of the path: ollama's `{"error": "..."}` under `/api/`,
 OpenAI's `{"error": {"message", "type", "param", "code"}}` elsewhere.
 """
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from localmix.frontends.server import fim, ollama, openai
+from localmix.frontends.server import fim, ollama, openai, webui
 from localmix.frontends.server.common import ApiError, State
 
 log = logging.getLogger("localmix.server")
@@ -53,6 +54,8 @@ def build_app(state: State) -> FastAPI:
     app.include_router(openai.router(state))
     app.include_router(ollama.router(state))
     app.include_router(fim.router(state))
+    if state.options.webui:
+        app.include_router(webui.router())
 
     @app.get("/health")
     async def health():
@@ -61,6 +64,18 @@ def build_app(state: State) -> FastAPI:
         if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ok", "model": state.options.model_name}
+
+    @app.get("/props")
+    async def props():
+        """What a client shows of the server (llama-server's `/props`): the model, the context of
+        a slot, the slots (--parallel) and the sampling a request gets by default."""
+        s, sampling = state.scheduler, state.options.sampling
+        return {"model": state.options.model_name, "status": "ok" if state.ready else "loading",
+                "n_ctx": s.n_ctx if s is not None else None, "total_slots": s.parallel if s is not None else None,
+                "default_generation_settings": {
+                    "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                    "min_p": sampling.min_p, "repeat_penalty": sampling.repeat_penalty, "seed": sampling.seed,
+                    "max_tokens": sampling.max_tokens}}
 
     @app.get("/metrics")
     async def metrics():
@@ -147,7 +162,8 @@ class Guard:
                                                          "(start the server with --allow-host to add it)",
                                                          code="host_not_allowed"))
         key = self.state.options.api_key
-        if key and scope["path"] != "/health":
+        page = self.state.options.webui and webui.is_page(scope["path"])
+        if key and scope["path"] != "/health" and not page:
             given = headers.get(b"authorization", b"").decode("latin-1")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
                 message = "missing API key: send 'Authorization: Bearer KEY'" if not given else "wrong API key"

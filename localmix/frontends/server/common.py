@@ -38,6 +38,7 @@ class Options:
     max_body: int = 4 << 20
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=1024))
     retry_after: int = 2
+    webui: bool = True  # the chat page at / (serve --no-webui: off)
 
 
 @dataclass

@@ -103,7 +103,7 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
     app = build_app(state)
     shown = f"[{host}]" if ":" in host else host
     announce(f"localmix serving {options.model_name} ({path}) at http://{shown}:{port}  "
-             f"(OpenAI: /v1, ollama: /api, {parallel} slot(s){' (memory allows them; --parallel sets it)' if chosen else ''}"
+             f"({'chat page: /, ' if options.webui else ''}OpenAI: /v1, ollama: /api, {parallel} slot(s){' (memory allows them; --parallel sets it)' if chosen else ''}"
              f"{', API key required' if options.api_key else ''})")
     config = uvicorn.Config(app, host=host.strip("[]"), port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on")
