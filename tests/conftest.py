@@ -1,7 +1,7 @@
 """Shared fixtures: tiny checkpoints, their GGUF conversions and llama.cpp's quantizations of
 them, built once per run.
 
-Locally a test whose tool or extra is missing (tmux, torch, transformers, mistral-common)
+Locally a test whose tool or extra is missing (tmux, chromium, torch, transformers, mistral-common)
 skips, and `-rs` lists why. Under CI=true (.ci/run) nothing may be missing: a skip, at
 collection or in a test, is reported as a failure.
 

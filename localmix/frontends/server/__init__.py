@@ -1,4 +1,4 @@
-"""`localmix serve`: one engine behind the OpenAI, ollama and Mistral HTTP APIs.
+"""`localmix serve`: one engine behind the OpenAI, ollama and Mistral HTTP APIs, and a chat page.
 
   run.py         the command: flags, loading, serving until a signal
   app.py         the ASGI app and its safety checks, /health, /metrics
@@ -6,6 +6,7 @@
   ollama.py      the ollama dialect
   mistral.py     the Mistral dialect (its names on OpenAI's endpoint)
   fim.py         Mistral's fill in the middle
+  webui.py       the chat page at / (its HTML, CSS and JavaScript are in static/)
   schemas.py     the request models (pydantic)
   structured.py  JSON output and tool calls, for every dialect
   grammar.py     JSON schema -> GBNF grammar, or a 400 naming the keyword it cannot enforce
