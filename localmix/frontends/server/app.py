@@ -70,7 +70,8 @@ def build_app(state: State) -> FastAPI:
         """What a client shows of the server (llama-server's `/props`): the model, the context of
         a slot, the slots (--parallel) and the sampling a request gets by default."""
         s, sampling = state.scheduler, state.options.sampling
-        return {"model": state.options.model_name, "status": "ok" if state.ready else "loading",
+        status = "error" if state.load_error else "ok" if state.ready else "loading"
+        return {"model": state.options.model_name, "status": status, "error": state.load_error,
                 "n_ctx": s.n_ctx if s is not None else None, "total_slots": s.parallel if s is not None else None,
                 "default_generation_settings": {
                     "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,

@@ -100,7 +100,9 @@ async function loadProps() {
   app.gone = false;
   $("key-form").hidden = true;
   showProps();
-  if (app.props.status !== "ok") {
+  if (app.props.status === "error") {
+    notice(`The server could not load the model: ${app.props.error}`, "error");
+  } else if (app.props.status !== "ok") {
     notice("The model is loading…");
     setTimeout(loadProps, 1000);
   } else if ($("notice").textContent === "The model is loading…") {
@@ -148,7 +150,10 @@ function requestBody(c) {
   const messages = [];
   if (c.system.trim()) messages.push({ role: "system", content: c.system });
   for (const m of c.messages.slice(0, -1)) {
-    if (m.content || m.role === "user") messages.push({ role: m.role, content: m.content });
+    if (!m.content && m.role !== "user") continue;  // a reply that failed before its first word
+    const last = messages[messages.length - 1];
+    if (last && last.role === "user" && m.role === "user") last.content += "\n\n" + m.content;  // roles alternate
+    else messages.push({ role: m.role, content: m.content });
   }
   const body = { model: app.props.model, messages, stream: true, stream_options: { include_usage: true } };
   for (const f of FIELDS) {
@@ -258,6 +263,8 @@ function setStreaming(on) {
   $("stop").hidden = !on;
   $("send").hidden = on;
   for (const b of document.querySelectorAll(".actions button")) b.disabled = on;
+  const focus = document.activeElement;
+  if (!on && (!focus || focus === document.body || focus === $("stop"))) $("input").focus();
 }
 
 function statsLine(s) {
@@ -323,7 +330,7 @@ function showConversation() {
     const actions = document.createElement("span");
     actions.className = "actions";
     if (m.role === "user") actions.append(button("Edit", "Edit this message and send it again", () => edit(i)));
-    if (m.role === "assistant" && m.content) {
+    if (m.role === "assistant" && m.content && navigator.clipboard) {  // a secure context: loopback or https
       actions.append(button("Copy", "Copy the reply's Markdown", () => navigator.clipboard.writeText(m.content)));
     }
     if (m.role === "assistant" && i === c.messages.length - 1) {
