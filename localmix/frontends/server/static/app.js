@@ -27,7 +27,10 @@ function loadAll() {
     app.conversations = [];
   }
   app.current = localStorage.getItem(CURRENT);
-  const settings = JSON.parse(localStorage.getItem(SETTINGS) || "{}");
+  let settings = {};
+  try {
+    settings = JSON.parse(localStorage.getItem(SETTINGS) || "{}") || {};
+  } catch (e) { /* the defaults */ }
   for (const f of FIELDS) $(f).value = settings[f] ?? "";
 }
 
@@ -192,6 +195,7 @@ async function generate(c) {
   const reply = { role: "assistant", content: "", stats: null };
   c.messages.push(reply);
   c.updated = Date.now();
+  saveAll();  // the question is kept even if the page is closed mid-reply
   showConversation();
   const element = $("messages").lastElementChild;
   const content = element.querySelector(".content");
@@ -199,7 +203,7 @@ async function generate(c) {
   app.controller = controller;
   setStreaming(true);
   const t0 = performance.now();
-  let tFirst = null, pieces = 0, usage = null, finish = null, drawn = false;
+  let tFirst = null, pieces = 0, usage = null, finish = null, drawn = false, saved = t0;
   const draw = () => {
     drawn = false;
     Render.into(content, reply.content);
@@ -229,6 +233,10 @@ async function generate(c) {
         if (!drawn) {
           drawn = true;
           requestAnimationFrame(draw);
+        }
+        if (performance.now() - saved > 2000) {  // the reply so far, in case the tab is closed
+          saved = performance.now();
+          saveAll();
         }
       });
     }
@@ -260,6 +268,7 @@ function stop() {
 
 function setStreaming(on) {
   document.body.dataset.state = on ? "streaming" : "idle";
+  $("messages").setAttribute("aria-busy", String(on));
   $("stop").hidden = !on;
   $("send").hidden = on;
   for (const b of document.querySelectorAll(".actions button")) b.disabled = on;
