@@ -13,7 +13,7 @@ models other than the tests' two-layer one, with what it must give checked:
 
 The calibration text is the GPL-3's, from /usr/share/common-licenses.
 
-    python benchmarks/fit_first_try.py [--models deep,smollm2] [--bpw 3.0] [--dir DIR] [--report FILE.md]
+    python benchmarks/fit_first_try.py [--models deep,smollm2] [--bpw B] [--dir DIR] [--report FILE.md]
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ from localmix.fixtures.tiny import make_tiny_checkpoint
 from localmix.kernels import QType
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")
+# each model's budget, in bits per weight: SmolLM2's 576-wide rows fit no 256-value block, so its
+# smallest file is 4.2 bits per weight (68 MiB); the tiny Mixtral goes down to about 2.7
+BPW = {"deep": 3.0, "smollm2": 4.5}
 DEEP = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=32, num_attention_heads=8,
             num_key_value_heads=2, seed=1)  # tests/test_quantize_files.py's 32-layer Mixtral
 
@@ -99,7 +102,7 @@ def fit(name: str, src: Path, f32: Path, d: Path, bpw: float) -> list[str]:
     print(f"  {seconds:.0f} s, peak memory {peak / 2**20:.0f} MiB; {size / 2**20:.2f} MiB for a budget of "
           f"{budget / 2**20:.2f} MiB (within: {size <= budget}); types {dict(counts.most_common())}; "
           f"llama_model_quantize same bytes: {same}{'' if same else f' (differ: {differ[:5]})'}", flush=True)
-    return [name, f"{seconds:.0f} s", f"{peak / 2**20:.0f} MiB", f"{budget / 2**20:.2f} MiB", f"{size / 2**20:.2f} MiB",
+    return [name, f"{bpw:g}", f"{seconds:.0f} s", f"{peak / 2**20:.0f} MiB", f"{budget / 2**20:.2f} MiB", f"{size / 2**20:.2f} MiB",
             "yes" if size <= budget else "**no**", ", ".join(f"{t} {n}" for t, n in counts.most_common()),
             str(iquants), "yes" if same else "**no**"]
 
@@ -107,7 +110,8 @@ def fit(name: str, src: Path, f32: Path, d: Path, bpw: float) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="deep,smollm2", help="deep (the 32-layer tiny Mixtral), smollm2")
-    ap.add_argument("--bpw", type=float, default=3.0, help="the budget: --fit SIZE of this many bits per weight")
+    ap.add_argument("--bpw", type=float, help="the budget: --fit SIZE of this many bits per weight [default: "
+                    + ", ".join(f"{k} {v}" for k, v in BPW.items()) + "]")
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "localmix-fit-first-try",
                     help="where the models and files go (the models are reused)")
     ap.add_argument("--report", type=Path, help="also write the table to this Markdown file (benchmarks/report.py)")
@@ -116,10 +120,10 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         src, f32 = sources(name, args.dir)
-        rows.append(fit(name, src, f32, args.dir, args.bpw))
-    header = ["model", "fit time", "peak memory", "budget", "file", "within", "tensor types", "i-quant tensors",
+        rows.append(fit(name, src, f32, args.dir, args.bpw or BPW[name]))
+    header = ["model", "bits per weight", "fit time", "peak memory", "budget", "file", "within", "tensor types", "i-quant tensors",
               "llama_model_quantize same bytes"]
-    caption = f"`quantize --fit SIZE --text GPL-3`, SIZE {args.bpw} bits per weight, no --imatrix"
+    caption = "`quantize --fit SIZE --text GPL-3`, no --imatrix; SIZE at the bits per weight shown"
     print(caption)
     print(" | ".join(header))
     for row in rows:
