@@ -58,9 +58,11 @@ def tiny_model(directory: Path) -> Path:
     return out
 
 
-def start(cmd: list[str], port: int, log: Path, ready: str, cpus: int | None = None) -> subprocess.Popen:
+def start(cmd: list[str], port: int, log: Path, ready: str, cpus: int | None = None,
+          env: dict | None = None) -> subprocess.Popen:
     pin = (lambda: os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpus])) if cpus else None
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, preexec_fn=pin)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, preexec_fn=pin,
+                            env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:

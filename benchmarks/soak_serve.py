@@ -289,10 +289,10 @@ def summarise(tally: Tally, samples: list, m: dict, wall: float, clients: int, s
 def serve(model: Path, work: Path, parallel: int, ctx: int, queue: int, cpus: int | None):
     """`localmix serve` on 127.0.0.1 without an API key; returns (process, url, log path)."""
     port, log = free_port(), work / "server.log"
-    os.environ.pop("LOCALMIX_API_KEY", None)
+    env = {k: v for k, v in os.environ.items() if k != "LOCALMIX_API_KEY"}
     cmd = [sys.executable, "-m", "localmix", "serve", str(model), "--parallel", str(parallel), "--ctx", str(ctx),
            "--queue", str(queue), "--alias", MODEL, "--port", str(port)]
-    return start(cmd, port, log, "/health", cpus), f"http://127.0.0.1:{port}", log
+    return start(cmd, port, log, "/health", cpus, env), f"http://127.0.0.1:{port}", log
 
 
 def lines(s: dict) -> list[str]:
