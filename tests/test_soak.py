@@ -1,5 +1,6 @@
 """A short soak (benchmarks/soak_serve.py's functions, 15 s of load): `localmix serve` on the tiny
-Mixtral, 127.0.0.1, four client threads mixing the openai, ollama and mistralai clients, streamed
+Mixtral, 127.0.0.1, two slots and a queue of one (so that some requests get the queue-full
+503), four client threads mixing the openai, ollama and mistralai clients, streamed
 and not, JSON schemas, `n` = 2 and disconnects mid-stream. The same checks as the benchmark's:
 no 5xx but a queue-full 503, every greedy reply equal to its solo reply, memory flat after the
 warm-up, every slot free at the end; and a failed check is reported as one."""
@@ -16,7 +17,7 @@ import soak_serve
 
 
 def test_a_short_soak_passes_every_check(converted, tmp_path):
-    proc, url, log = soak_serve.serve(converted("mixtral", "Q8_0"), tmp_path, parallel=4, ctx=1024, queue=8, cpus=None)
+    proc, url, log = soak_serve.serve(converted("mixtral", "Q8_0"), tmp_path, parallel=2, ctx=1024, queue=1, cpus=None)
     try:
         s = soak_serve.soak(url, proc.pid, seconds=15, clients=4, max_tokens=16, rss_bound_mib=32, log=log)
     finally:
