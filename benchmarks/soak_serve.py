@@ -240,7 +240,10 @@ def soak(url: str, pid: int, seconds: float, clients: int, max_tokens: int = 24,
     for t in threads:
         t.join()
     wall = time.monotonic() - t0
-    m = idle_metrics(url)
+    try:
+        m = idle_metrics(url)
+    except httpx.HTTPError as e:  # the server is gone: every check below that needs it fails
+        m = {"active_sequences": -1, "error": f"/metrics: {type(e).__name__}: {e}"}
     stop.set()
     sampler.join()
     return summarise(tally, samples, m, wall, clients, seconds, rss_bound_mib, log, len(solo))
@@ -263,6 +266,8 @@ def summarise(tally: Tally, samples: list, m: dict, wall: float, clients: int, s
                         f"{prompt!r}: {got!r} != {want!r}")
     if tally.errors:
         failures.append(f"{len(tally.errors)} transport errors, first: {tally.errors[0]}")
+    if "error" in m:
+        failures.append(m["error"])
     if m.get("active_sequences", 0) != 0 or m.get("queue_depth", 0) != 0:
         failures.append(f"slots not free at the end: active {m.get('active_sequences')}, "
                         f"queued {m.get('queue_depth')} of {m.get('slots')} slots")
@@ -298,6 +303,7 @@ def serve(model: Path, work: Path, parallel: int, ctx: int, queue: int, cpus: in
 
 
 def lines(s: dict) -> list[str]:
+    s = {k: (0 if v is None and k != "growth_mib" else v) for k, v in s.items()}
     r = s["rss"]
     growth = "n/a" if s["growth_mib"] is None else f"{s['growth_mib']:+.1f} MiB"
     return [f"requests done: {s['requests']} in {s['seconds']:.0f} s by {s['clients']} clients "
