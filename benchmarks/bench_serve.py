@@ -13,7 +13,9 @@ new request cut the running one short, which would make it look faster than it i
 `--n_threads T`; localmix runs with `--parallel P`, pinned to T CPUs (it uses the CPUs it may run
 on); llama-server with `-np P -t T -tb T -c P*CTX --cont-batching`, pinned the same way (with
 `-np` given its KV cache is split per sequence, as localmix's is). Each server answers one
-warm-up request before it is measured. Traffic stays on 127.0.0.1.
+warm-up request before it is measured. Traffic stays on 127.0.0.1, each request on a new
+connection: llama-server closes a kept-alive connection once one of its overflow HTTP threads
+(beyond `-np` + 4) has served it, which a client that reuses it sees as a disconnect.
 
     python benchmarks/bench_serve.py [--model FILE.gguf | --smollm2] [--peer llama-server] [--threads 2] [--max-tokens 48] [--report FILE.md]
 
@@ -98,7 +100,8 @@ async def client(http: httpx.AsyncClient, model: str, k: int, requests: int, max
 def measure(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     async def main():
         ttfts, counts = [], []
-        async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        no_reuse = httpx.Limits(max_keepalive_connections=0)  # see the module's docstring
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=no_reuse) as http:
             t0 = time.perf_counter()
             await asyncio.gather(*(client(http, model, k, requests, max_tokens, ttfts, counts) for k in range(clients)))
             wall = time.perf_counter() - t0
