@@ -82,7 +82,9 @@ def build(version: str, jobs: int, nice: int, keep: bool = False) -> Path:
         subprocess.run([*niced, "cmake", "--build", str(build_dir), "--target", "llama-server",
                         "-j", str(jobs)], check=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(build_dir / "bin" / "llama-server", out)
+        partial = out.with_name(out.name + ".partial")
+        shutil.copy2(build_dir / "bin" / "llama-server", partial)
+        os.replace(partial, out)  # whole or absent: a later run never finds half a binary
     finally:
         if keep:
             print(f"build folder kept: {work}", file=sys.stderr)
@@ -91,7 +93,7 @@ def build(version: str, jobs: int, nice: int, keep: bool = False) -> Path:
     return out
 
 
-def ensure(version: str | None = None, jobs: int | None = None, nice: int = 0) -> Path:
+def ensure(version: str | None = None, jobs: int | None = None, nice: int = 0, keep: bool = False) -> Path:
     """The cached binary, built first when missing (what bench_serve calls)."""
     version = version or installed_version()
     out = binary_path(version)
@@ -99,7 +101,7 @@ def ensure(version: str | None = None, jobs: int | None = None, nice: int = 0) -
         return out
     start = time.monotonic()
     load = os.getloadavg()[0]
-    out = build(version, jobs or os.cpu_count() or 1, nice)
+    out = build(version, jobs or os.cpu_count() or 1, nice, keep)
     print(f"built llama-server (llama-cpp-python {version}) in {time.monotonic() - start:.0f} s "
           f"(load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end): {out}", file=sys.stderr)
     return out
@@ -120,7 +122,7 @@ def main() -> None:
         binary_path(version).unlink()
     if binary_path(version).exists():
         print(f"cached: {binary_path(version)}", file=sys.stderr)
-    ensure(version, args.jobs, args.nice)
+    ensure(version, args.jobs, args.nice, args.keep)
     print(binary_path(version))
 
 
