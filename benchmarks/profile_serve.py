@@ -1,0 +1,161 @@
+"""Where a step of `localmix serve`'s scheduler goes, at 8 and 16 clients, without HTTP.
+
+The scheduler (localmix/runtime/scheduler.py) runs in this process on a GGUF (the tiny test
+Mixtral unless --model); C client threads each submit `--requests` chat prompts in a row
+(temperature 0.8, a per-request seed, `--max-tokens` tokens) and wait for each reply. The
+scheduler's own methods are wrapped with timers (perf_counter, a few microseconds a call, not
+a profiler's per-call overhead), which split its thread's time into: `llama_decode`; sampling
+(`_sample`: the llama.cpp sampler chain per sequence, through ctypes); handing each token out
+(`reply_events`' detokenising and stop checks); building the batch and the rest of a step
+(each job's callback, finishing and freeing slots, the fork copies); admitting waiting requests; and idle time waiting for work. With
+`--cprofile` the scheduler thread also runs under cProfile and its top functions are printed.
+
+    python benchmarks/profile_serve.py [--model FILE.gguf] [--clients 8,16] [--parallel 8] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import queue
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from bench_serve import tiny_model
+from report import write_report
+
+from localmix.frontends.load import open_engine
+from localmix.frontends.oneshot import conversation_tokens
+from localmix.runtime import scheduler as sched
+from localmix.runtime.stream import Done, Sampling
+
+
+class Timers:
+    """Seconds and calls per label, for functions called on the scheduler thread."""
+
+    def __init__(self):
+        self.seconds, self.calls = defaultdict(float), defaultdict(int)
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - t0
+                self.calls[label] += 1
+        setattr(owner, name, timed)
+
+
+def profile(engine, clients: int, parallel: int, requests: int, max_tokens: int, use_cprofile: bool) -> dict:
+    timers = Timers()
+    # timers on the class and on the llama_cpp module the scheduler calls through
+    saved = {n: getattr(sched.Scheduler, n) for n in ("_step", "_sample", "_admit", "_next_event")}
+    saved_decode = sched.L.llama_decode
+    timers.wrap(sched.Scheduler, "_step", "step")
+    timers.wrap(sched.Scheduler, "_sample", "sampling")
+    timers.wrap(sched.Scheduler, "_admit", "admit")
+    timers.wrap(sched.Scheduler, "_next_event", "events")
+    timers.wrap(sched.L, "llama_decode", "decode")
+    prof = cProfile.Profile() if use_cprofile else None
+    loop = sched.Scheduler._loop
+
+    def loop_profiled(self):
+        if prof is not None:
+            prof.runcall(loop, self)
+        else:
+            loop(self)
+    sched.Scheduler._loop = loop_profiled
+    try:
+        s = sched.Scheduler(engine.llm, parallel=parallel, n_ctx=1024, queue_size=64)  # the engine context stays: the next count needs it
+        prompts = [conversation_tokens(engine, [{"role": "user", "content": f"Client {k} asks question {r}: "
+                                                 "tell me a story."}]) for k in range(clients) for r in range(requests)]
+        served = []
+
+        def client(k: int):
+            for r in range(requests):
+                q = queue.Queue()
+                s.submit(sched.Job(prompts[k * requests + r], Sampling(temperature=0.8, max_tokens=max_tokens,
+                                                                       seed=1000 * k + r), q.put))
+                while not isinstance(event := q.get(timeout=600), Done):
+                    if isinstance(event, Exception):
+                        raise event
+                served.append(event.generated_tokens)
+
+        steps0 = s.metrics.steps
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        steps = s.metrics.steps - steps0
+        s.close()
+    finally:
+        for n, f in saved.items():
+            setattr(sched.Scheduler, n, f)
+        sched.L.llama_decode = saved_decode
+        sched.Scheduler._loop = loop
+    sec = timers.seconds
+    out = {"clients": clients, "wall": wall, "steps": steps, "tokens": sum(served), **dict(sec),
+           "max_batch": s.metrics.max_batch_sequences}
+    if prof is not None:
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(15)
+        out["cprofile"] = text.getvalue()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="a GGUF (default: the tiny test Mixtral, Q8_0)")
+    ap.add_argument("--clients", default="8,16", help="client counts, comma-separated")
+    ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--requests", type=int, default=2, help="requests per client, one after the other")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--cprofile", action="store_true", help="also print cProfile's top functions (slows Python)")
+    ap.add_argument("--report", type=Path, help="also write the table to this Markdown file (benchmarks/report.py)")
+    args = ap.parse_args()
+    model = args.model or tiny_model(Path(tempfile.mkdtemp(prefix="profile-serve-")))
+    if args.threads < len(os.sched_getaffinity(0)):  # localmix uses the CPUs it may run on, as serve does
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+    engine = open_engine(model, ctx=1024)
+    header = ["clients", "tok/s", "steps", "ms/step", "decode", "sampling", "token events", "batch + rest",
+              "admit", "idle"]
+    rows = []
+    for clients in (int(c) for c in args.clients.split(",")):
+        r = profile(engine, clients, args.parallel, args.requests, args.max_tokens, args.cprofile)
+        step, n = r.get("step", 0.0), max(r["steps"], 1)
+        rest = step - r.get("decode", 0) - r.get("sampling", 0) - r.get("events", 0)
+
+        def ms(x):
+            return f"{1000 * x / n:.2f} ({100 * x / r['wall']:.0f}%)"
+        rows.append([clients, f"{r['tokens'] / r['wall']:.1f}", r["steps"], f"{1000 * step / n:.2f}",
+                     ms(r.get("decode", 0)), ms(r.get("sampling", 0)), ms(r.get("events", 0)), ms(rest),
+                     ms(r.get("admit", 0)),
+                     ms(r["wall"] - step - r.get("admit", 0))])
+        if "cprofile" in r:
+            print(f"--- cProfile, {clients} clients (scheduler thread, by own time) ---\n{r['cprofile']}")
+    caption = (f"{model.name}, {args.threads} threads, --parallel {args.parallel}, {args.requests} request(s) per "
+               f"client, {args.max_tokens} tokens each; per step: ms (share of the wall time); load average "
+               f"{os.getloadavg()[0]:.1f}")
+    print(caption)
+    for line in [header, ["---"] * len(header), *rows]:
+        print("| " + " | ".join(str(cell) for cell in line) + " |")
+    if args.report:
+        write_report(args.report, [(caption, header, rows)])
+
+
+if __name__ == "__main__":
+    main()
