@@ -27,7 +27,7 @@ class Device:
 
 
 @cache
-def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     import llama_cpp
 
     lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
@@ -54,7 +54,7 @@ def devices() -> list[Device]:
     import llama_cpp
 
     llama_cpp.llama_backend_init()  # loads the backends, as a model load would
-    base, ggml = _libs()
+    base, ggml = libs()
     found = []
     for i in range(ggml.ggml_backend_dev_count()):
         dev = ggml.ggml_backend_dev_get(i)
@@ -73,7 +73,7 @@ def buffer_type(name: str) -> int:
     from localmix.errors import InputError
 
     llama_cpp.llama_backend_init()
-    base, ggml = _libs()
+    base, ggml = libs()
     names = []
     for i in range(ggml.ggml_backend_dev_count()):
         buft = base.ggml_backend_dev_buffer_type(ggml.ggml_backend_dev_get(i))
