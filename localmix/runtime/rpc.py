@@ -127,6 +127,20 @@ def reachable(endpoint: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def gone_workers(endpoints: list[str], seconds: float = 1.0) -> list[str]:
+    """The workers that refuse connections within `seconds`: a worker that just died may still
+    accept for a moment (its process closes the connection before its listening socket)."""
+    import time
+
+    gone: list[str] = []
+    deadline = time.monotonic() + seconds
+    while True:
+        gone += [e for e in endpoints if e not in gone and not reachable(e, timeout=min(seconds, 0.5))]
+        if gone or time.monotonic() > deadline:
+            return [e for e in endpoints if e in gone]
+        time.sleep(0.1)
+
+
 _BOUND = False
 
 
@@ -268,7 +282,7 @@ def watch(endpoints: list[str], handler: Handler | None = None) -> None:
         @ctypes.CFUNCTYPE(None, ctypes.c_char_p)
         def on_abort(message: bytes) -> None:
             text = (message or b"").decode(errors="replace")
-            gone = [e for e in _WATCH["endpoints"] if not reachable(e)]
+            gone = gone_workers(_WATCH["endpoints"])
             try:
                 _WATCH["handler"](gone, text)
             finally:
