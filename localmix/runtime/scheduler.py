@@ -179,6 +179,17 @@ class Scheduler:
         with self._wake:
             self._wake.notify()
 
+    def abandon(self, error: Exception) -> None:
+        """End every running and waiting job with `error`, from another thread, when the
+        scheduler thread cannot go on (an RPC worker lost in the middle of a decode): the slots
+        stay taken, and no job is admitted again."""
+        with self._wake:
+            self._stop = True
+            jobs = [j for group in self.waiting for j in group] + [s.job for s in self.slots if s.job]
+            self.waiting.clear()
+        for job in jobs:
+            job.emit(error)
+
     @property
     def active(self) -> int:
         return sum(s.job is not None for s in self.slots)

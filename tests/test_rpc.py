@@ -1,0 +1,224 @@
+"""Several machines on one: `localmix worker` processes on 127.0.0.1 and `--rpc` on run, plan and
+serve, against the single-process run of the same file (llama.cpp's RPC backend).
+
+The models are the tiny Mixtral and the tiny 8x22B design with four layers (so that the local
+process and two workers each get some), converted once. Workers are real `localmix worker`
+processes on free ports, stopped with SIGTERM; a worker serves one client at a time, so the
+tests use them one after another and each client closes its model before the next starts.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, built_once, run_localmix
+from server_util import Server, free_port
+
+from localmix.fixtures.tiny import TinySpec, make_tiny_checkpoint
+
+LAYERS = 4
+SPECS = {"mixtral": TinySpec(num_hidden_layers=LAYERS), "mixtral-8x22b": TinySpec.mixtral_8x22b(num_hidden_layers=LAYERS)}
+PROMPT = "The experts of a layer"
+
+
+def deep_gguf(shared_dir: Path, model: str, file_type: str) -> Path:
+    from localmix.convert.pipeline import convert
+
+    ckpt = built_once(shared_dir / "ckpt" / f"tiny-{model}-{LAYERS}l",
+                      lambda out: make_tiny_checkpoint(out, spec=SPECS[model]))
+    return built_once(shared_dir / "gguf" / f"{model}-{LAYERS}l-{file_type}.gguf",
+                      lambda out: convert(ckpt, out, file_type))
+
+
+class Worker:
+    """`localmix worker` on 127.0.0.1 and a free port, until `stop`."""
+
+    def __init__(self, *args: str):
+        self.port = free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "localmix", "worker", "--port", str(self.port),
+                                      "--threads", "1", *args], cwd=REPO, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.line = self.proc.stdout.readline()  # its one line, once it serves (or "" if it died)
+        assert self.endpoint in self.line, self.proc.stderr.read()
+
+    def rss(self) -> int:
+        return status_bytes(self.proc.pid, "VmRSS")
+
+    def stop(self) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=20)
+        return self.proc.returncode, out
+
+
+def status_bytes(pid: int | str, key: str) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1)) * 1024
+
+
+@pytest.fixture(scope="module")
+def workers():
+    started = [Worker(), Worker()]
+    yield started
+    for w in started:
+        code, out = w.stop()
+        assert code == 0 and "localmix worker stopped" in out, out
+
+
+def rpc_of(workers) -> str:
+    return ",".join(w.endpoint for w in workers)
+
+
+def test_worker_line(workers):
+    line = workers[0].line
+    assert line.startswith(f"localmix worker at {workers[0].endpoint}: CPU") and "free of" in line
+
+
+def test_plan_splits_across_three_devices(workers, shared_dir):
+    path = deep_gguf(shared_dir, "mixtral", "Q8_0")
+    r = run_localmix("plan", path, "--rpc", rpc_of(workers), "--ctx", "512", "--json")
+    assert r.returncode == 0, r.stderr
+    split = json.loads(r.stdout)["split"]
+    assert [s["device"] for s in split] == ["CPU", "RPC0", "RPC1"]
+    assert [s["where"] for s in split] == ["this machine", workers[0].endpoint, workers[1].endpoint]
+    assert all(s["n_layers"] >= 1 for s in split) and sum(s["n_layers"] for s in split) == LAYERS
+    table = run_localmix("plan", path, "--rpc", rpc_of(workers), "--ctx", "512")
+    assert table.returncode == 0 and all(w.endpoint in table.stdout for w in workers), table.stdout
+
+
+def logits(path: Path, plan=None, workers=()) -> tuple[np.ndarray, int, int, list[int]]:
+    """llama.cpp's logits over PROMPT (float32 KV cache), split by `plan` or in this process;
+    this process's anonymous memory before and after the load, the workers' RSS while loaded."""
+    from llama_cpp import GGML_TYPE_F32
+
+    from localmix.runtime.offload import load_llama
+
+    before = status_bytes("self", "RssAnon")
+    llm = load_llama(str(path), plan, n_ctx=256, n_batch=256, n_threads=1, logits_all=True, verbose=False,
+                     type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, use_mmap=True)
+    after = status_bytes("self", "RssAnon")
+    try:
+        ids = llm.tokenize(PROMPT.encode(), add_bos=True)
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float64), before, after, [w.rss() for w in workers]
+    finally:
+        llm.close()
+        del llm
+        gc.collect()
+
+
+@pytest.mark.parametrize("model", ["mixtral", "mixtral-8x22b"])
+def test_split_gives_the_same_logits_and_text(workers, shared_dir, model):
+    from localmix.frontends.load import plan_engine
+
+    path = deep_gguf(shared_dir, model, "F32" if model == "mixtral" else "Q8_0")
+    single, single_before, single_after, _ = logits(path)
+    rss = [w.rss() for w in workers]
+    _, plan, _ = plan_engine(path, 256, rpc=rpc_of(workers))
+    split, before, after, loaded = logits(path, plan, workers)
+    # the same CPU kernels on the same rows: equal up to float32 rounding of the sums
+    assert np.abs(split - single).max() < 1e-4
+    if model == "mixtral":  # the F32 file: weights big enough to see in /proc
+        for share, was, now in zip(plan.shares[1:], rss, loaded):
+            grown = now - was
+            # a worker keeps the weights, KV cache and compute buffer of its layers (freed
+            # buffers may stay resident in its allocator: the plan's compute estimate bounds it)
+            assert share.weights_bytes * 0.9 <= grown <= share.need + (64 << 20), (grown, share)
+        remote = sum(s.weights_bytes for s in plan.shares[1:])
+        # the workers' weights are sent from the memory map, not copied here
+        assert (after - before) - (single_after - single_before) < remote / 2, (after - before, remote)
+    args = ["run", path, "--temp", "0", "-n", "24", "--ctx", "256", "--raw", PROMPT]
+    alone = run_localmix(*args)
+    spread = run_localmix(*args, "--rpc", rpc_of(workers))
+    assert alone.returncode == 0 and spread.returncode == 0, spread.stderr
+    assert spread.stdout == alone.stdout and spread.stdout.strip()
+
+
+def test_serve_answers_the_openai_client(workers, shared_dir, tmp_path):
+    from openai import OpenAI
+
+    path = deep_gguf(shared_dir, "mixtral", "Q8_0")
+    messages = [{"role": "user", "content": PROMPT}]
+    expected = run_localmix("run", path, "--temp", "0", "-n", "16", "--ctx", "512", PROMPT)
+    server = Server(path, "--rpc", rpc_of(workers), "--parallel", "1", "--ctx", "512", log=tmp_path / "serve.log",
+                    timeout=60)
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key=server.key, max_retries=0, timeout=60)
+        plain = client.chat.completions.create(model="localmix", messages=messages, temperature=0, max_tokens=16)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="localmix", messages=messages, temperature=0, max_tokens=16, stream=True) if c.choices)
+    finally:
+        assert server.stop() == 0, server.log_text()
+    assert plain.choices[0].message.content == streamed == expected.stdout.strip()
+
+
+def test_run_ends_with_one_line_when_a_worker_dies(workers, shared_dir):
+    path = deep_gguf(shared_dir, "mixtral", "Q8_0")
+    doomed = Worker()
+    try:
+        run = subprocess.Popen([sys.executable, "-m", "localmix", "run", path, "--rpc",
+                                f"{workers[0].endpoint},{doomed.endpoint}", "--temp", "0", "-n", "4000", "--ctx",
+                                "4096", "--raw", PROMPT], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert run.stdout.read(8)  # the reply has begun
+        doomed.proc.kill()
+        _, err = run.communicate(timeout=30)
+    finally:
+        doomed.stop()
+    lines = err.decode().strip().splitlines()
+    assert run.returncode == 1 and lines == [f"localmix: error: lost RPC worker {doomed.endpoint} (it stopped or "
+                                             "its machine went away); the model must be loaded again"], err
+
+
+def test_serve_answers_503_when_a_worker_dies(workers, shared_dir, tmp_path):
+    import httpx
+
+    path = deep_gguf(shared_dir, "mixtral", "Q8_0")
+    doomed = Worker()
+    server = Server(path, "--rpc", f"{workers[0].endpoint},{doomed.endpoint}", "--parallel", "1", "--ctx", "4096",
+                    log=tmp_path / "serve.log", timeout=60)
+    try:
+        body = {"model": "localmix", "prompt": PROMPT, "temperature": 0, "max_tokens": 4000}
+        done: list = []
+        t = threading.Thread(target=lambda: done.append(server.post("/v1/completions", body, timeout=30)))
+        t.start()
+        deadline = time.monotonic() + 10
+        while server.metrics().get("generated_tokens_total", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        doomed.proc.kill()
+        t.join(30)
+        assert done and done[0].status_code == 503, done and done[0].text
+        assert doomed.endpoint in done[0].json()["error"]["message"]
+        health = httpx.get(server.url + "/health", timeout=5)
+        assert health.status_code == 503 and health.json()["lost_workers"] == [doomed.endpoint]
+    finally:
+        code = server.stop()
+        doomed.stop()
+    assert code == 0, server.log_text()
+    assert "Traceback" not in server.log_text()
+
+
+def test_wrong_port_is_one_line_exit_2_quickly(shared_dir):
+    path = deep_gguf(shared_dir, "mixtral", "Q8_0")
+    start = time.monotonic()
+    r = run_localmix("run", path, "--rpc", f"127.0.0.1:{free_port()}", "-n", "4", "hello")
+    assert time.monotonic() - start < 10
+    assert r.returncode == 2 and r.stderr.startswith("localmix: error: cannot reach RPC worker 127.0.0.1:")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_non_loopback_worker_needs_the_flag():
+    r = run_localmix("worker", "--host", "0.0.0.0", "--port", str(free_port()))
+    assert r.returncode == 2 and "--unauthenticated-network" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
