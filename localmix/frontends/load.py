@@ -102,11 +102,11 @@ def split_engine(path, summary, ctx: int | None, force: bool, ram: str | None, e
     """plan_engine across machines: add the workers, then the largest of the model's own
     context, 16K, 8K, 4K and 2K whose split fits (or `ctx`)."""
     from localmix.runtime.planner import split_file_plan
-    from localmix.runtime.rpc import add_workers, parse_endpoints
+    from localmix.runtime.rpc import split_devices
 
     if engine != "llama.cpp":
         raise InputError("--rpc splits the model with llama.cpp's RPC backend: it needs --engine llama.cpp")
-    workers = [(d.name, d.endpoint, d.free) for d in add_workers(parse_endpoints(rpc))]
+    workers = split_devices(rpc)
     ram_budget = parse_size(ram) if ram else available_memory()
     own = summary.context_length or 4096
     tries = [ctx] if ctx else [own] + [c for c in (16384, 8192, 4096, 2048) if c < own]
@@ -122,7 +122,7 @@ def split_engine(path, summary, ctx: int | None, force: bool, ram: str | None, e
 def split_file_plan(path, ctx: int, ram: str | None, rpc: str):
     """`plan --rpc`: the split of the GGUF at `path` across this machine and the workers."""
     from localmix.runtime.planner import split_file_plan as plan_split
-    from localmix.runtime.rpc import add_workers, parse_endpoints
+    from localmix.runtime.rpc import split_devices
 
-    workers = [(d.name, d.endpoint, d.free) for d in add_workers(parse_endpoints(rpc))]
+    workers = split_devices(rpc)
     return plan_split(check_gguf(path), ctx, parse_size(ram) if ram else available_memory(), workers)

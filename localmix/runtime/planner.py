@@ -77,7 +77,8 @@ class Plan:
 
     @property
     def rpc_devices(self) -> list[str]:
-        """llama.cpp's names of the workers' devices the plan uses, in layer order."""
+        """llama.cpp's names of the devices the plan uses besides the CPU (this machine's GPUs,
+        the workers'), in layer order."""
         return [s.device for s in self.shares[1:]]
 
     @property
@@ -205,12 +206,16 @@ def proportional(n: int, weights: list[float]) -> list[int]:
 def split_plan(tensors: list[tuple[str, int]], dims: ModelDims, n_ctx: int, ram_budget: int,
                workers: list[tuple[str, str, int]], kv_type: str = "f16") -> Plan:
     """Split the layers between this machine's CPU (the first layers, the embeddings and the
-    output layer) and the workers' devices (`workers`: llama.cpp's device name, host:port and
-    free bytes), in proportion to the memory of each; all the experts of a layer go with it.
+    output layer) and the other devices (`workers`: llama.cpp's device name, "this machine" or
+    host:port, free bytes: this machine's GPUs, then the workers'), in proportion to the memory
+    of each; all the experts of a layer go with it.
     Each device also holds the KV cache of its layers and a compute buffer."""
     per, rest = layer_bytes(tensors, dims.n_layer)
     kv_layer = kv_cache_bytes(dims, n_ctx, kv_type) // max(dims.n_layer, 1)
     compute = compute_bytes(dims, n_ctx)
+    # a GPU here keeps a reserve for its runtime and display; a worker reports what it can give
+    workers = [(name, where, max(free - HEADROOM, 0) if where == "this machine" else free)
+               for name, where, free in workers]
     budgets = [max(ram_budget - rest, 0), *(free for _, _, free in workers)]
     counts = proportional(dims.n_layer, [float(b) for b in budgets])
     names = [("CPU", "this machine"), *((name, where) for name, where, _ in workers)]
@@ -252,12 +257,12 @@ def split_preset_plan(preset: str, file_type: str, n_ctx: int, ram: str | None, 
     from localmix.convert.presets import preset_config, preset_tensors
     from localmix.runtime.devices import parse_size
     from localmix.runtime.memory import available_memory
-    from localmix.runtime.rpc import add_workers, parse_endpoints
+    from localmix.runtime.rpc import split_devices
 
     cfg = preset_config(preset)
     dims = ModelDims(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                      cfg.head_dim, cfg.vocab_size, cfg.intermediate_size, cfg.num_experts_per_tok if cfg.is_moe else 0)
-    workers = [(d.name, d.endpoint, d.free) for d in add_workers(parse_endpoints(rpc))]
+    workers = split_devices(rpc)
     return split_plan([(t.name, t.n_bytes) for t in preset_tensors(preset, file_type)], dims, n_ctx,
                       parse_size(ram) if ram else available_memory(), workers)
 

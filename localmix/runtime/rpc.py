@@ -233,14 +233,29 @@ def add_workers(endpoints: list[str], timeout: float = CONNECT_TIMEOUT) -> list[
     return found
 
 
+def split_devices(rpc: str, timeout: float = CONNECT_TIMEOUT) -> list[tuple[str, str, int]]:
+    """The devices a split across machines uses besides this machine's CPU, in layer order:
+    this machine's GPUs, then each worker's devices: (llama.cpp's name, "this machine" or
+    host:port, free bytes)."""
+    from localmix.runtime.devices import devices
+
+    remote = add_workers(parse_endpoints(rpc), timeout)
+    gpus = [(d.name, "this machine", d.free) for d in devices()
+            if d.kind in ("gpu", "igpu", "accel") and not d.name.startswith("RPC")]
+    return gpus + [(d.name, d.endpoint, d.free) for d in remote]
+
+
 def device_array(names: list[str]) -> ctypes.Array:
     """The NULL-terminated `ggml_backend_dev_t *` of llama_model_params.devices, of the
-    workers' devices called `names` (RPC0, ...) here."""
-    handles = {d.name: d.handle for added in _ADDED.values() for d in added}
-    missing = [n for n in names if n not in handles]
+    devices llama.cpp calls `names` here (CUDA0, RPC0, ...)."""
+    _, ggml, _ = _rpc()
+    ggml.ggml_backend_dev_by_name.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_by_name.argtypes = [ctypes.c_char_p]
+    handles = [ggml.ggml_backend_dev_by_name(n.encode()) for n in names]
+    missing = [n for n, h in zip(names, handles) if not h]
     if missing:
-        raise InputError(f"no RPC device {', '.join(missing)} here: add the workers first (--rpc)")
-    return (ctypes.c_void_p * (len(names) + 1))(*(handles[n] for n in names), None)
+        raise InputError(f"llama.cpp has no device {', '.join(missing)} here (an RPC worker not added?)")
+    return (ctypes.c_void_p * (len(names) + 1))(*handles, None)
 
 
 # ---- a worker lost while in use ----
