@@ -86,7 +86,7 @@ def load_llama(model_path: str, plan: Plan | None = None, n_gpu_layers: int | No
         n_gpu_layers = plan.n_gpu_layers if plan else 0
     overrides = override_array(plan.overrides if plan else [])
     devices = None
-    if plan and plan.shares:  # split across workers: their devices, the layers of each
+    if getattr(plan, "shares", None):  # split across devices and workers: the layers of each
         from localmix.runtime.rpc import device_array
 
         devices = device_array(plan.rpc_devices)
