@@ -264,3 +264,34 @@ def test_split_is_in_proportion_to_memory_and_names_the_short_device():
     short = split_plan(tensors, dims, 512, 8 * GiB, [("RPC0", "10.0.0.2:50052", 6 * GiB), ("RPC1", "10.0.0.3:50052",
                                                                                              GiB)])
     assert not short.fits and short.advice.startswith("RPC1 (10.0.0.3:50052) is short")
+
+
+def test_hello_refuses_another_protocol_and_a_stranger():
+    """`hello` against a fake worker of protocol 6.0.0, and a port that answers something else."""
+    import socket
+    import struct
+
+    from localmix.errors import InputError
+    from localmix.runtime.rpc import hello
+
+    def serve(answer: bytes) -> str:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def once():
+            conn, _ = listener.accept()
+            with conn, listener:
+                conn.recv(1 + 8 + 24)
+                conn.sendall(answer)
+
+        threading.Thread(target=once, daemon=True).start()
+        return f"127.0.0.1:{listener.getsockname()[1]}"
+
+    old = serve(struct.pack("<Q", 28) + bytes([6, 0, 0, 0]) + bytes(24))
+    with pytest.raises(InputError, match=rf"RPC worker {old} speaks protocol 6.0.0, this localmix 7.0.0"):
+        hello(old)
+    stranger = serve(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    with pytest.raises(InputError, match=rf"RPC worker {stranger} answered the handshake with"):
+        hello(stranger)
+    assert hello(serve(struct.pack("<Q", 28) + bytes([7, 0, 1, 0]) + bytes(24))) == (7, 0, 1)
