@@ -68,8 +68,8 @@ def status_bytes(pid: int | str, key: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def workers():
-    started = [Worker(), Worker()]
+def workers(tmp_path_factory):
+    started = [Worker("--cache", str(tmp_path_factory.mktemp("rpc-cache"))), Worker()]
     yield started
     for w in started:
         code, out = w.stop()
@@ -82,7 +82,8 @@ def rpc_of(workers) -> str:
 
 def test_worker_line(workers):
     line = workers[0].line
-    assert line.startswith(f"localmix worker at {workers[0].endpoint}: CPU") and "free of" in line
+    assert line.startswith(f"localmix worker at {workers[0].endpoint}: CPU") and "RAM available now" in line
+    assert "tensor cache" in line
 
 
 def test_plan_splits_across_three_devices(workers, shared_dir):

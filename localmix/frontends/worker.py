@@ -35,6 +35,8 @@ def serve_worker(host: str = "127.0.0.1", port: int = 50052, threads: int | None
                  unauthenticated_ok: bool = False, verbose: bool = False, announce=print) -> int:
     """Serve this machine's device at host:port until SIGINT/SIGTERM; returns the exit code."""
     from localmix.runtime.llama import usable_cpus
+    from localmix.runtime.log import set_llama_log
+    from localmix.runtime.memory import available_memory
     from localmix.runtime.rpc import local_devices, start_server
     from localmix.units import human_bytes
 
@@ -51,6 +53,7 @@ def serve_worker(host: str = "127.0.0.1", port: int = 50052, threads: int | None
             cache.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"cannot use --cache {cache}: {e.strerror or e}") from None
+    set_llama_log(verbose)  # llama.cpp's log (the tensor cache's lines...) only with --verbose
     served = local_devices()
     # llama.cpp prints to stdout: keep it off ours (stderr with --verbose), localmix's line on ours
     ours = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
@@ -73,7 +76,9 @@ def serve_worker(host: str = "127.0.0.1", port: int = 50052, threads: int | None
         signal.signal(sig, lambda *_: stopped.set())
     threading.Thread(target=run, name="localmix-rpc-server", daemon=True).start()
     what = ", ".join(f"{d.name} ({d.description}, {human_bytes(d.free)} free of {human_bytes(d.total)})"
-                     for _, d in served)
+                     if d.kind != "cpu" else  # llama.cpp offers all RAM as free: say what is available now
+                     f"{d.name} ({d.description}, {human_bytes(available_memory())} RAM available now; clients are "
+                     f"offered all {human_bytes(d.total)})" for _, d in served)
     if not is_loopback(host):
         print(UNAUTHENTICATED_WARNING.format(endpoint=endpoint), file=sys.stderr, flush=True)
     print(f"localmix worker at {endpoint}: {what}, {n_threads} threads"

@@ -298,6 +298,12 @@ def watch(endpoints: list[str], handler: Handler | None = None) -> None:
         def on_abort(message: bytes) -> None:
             text = (message or b"").decode(errors="replace")
             gone = gone_workers(_WATCH["endpoints"])
+            if not gone and "RPC" not in text:  # another of llama.cpp's aborts: end as it would, in one line
+                import os
+
+                sys.stderr.write(f"localmix: error: llama.cpp aborted: {text.strip()}\n")
+                sys.stderr.flush()
+                os._exit(134)
             try:
                 _WATCH["handler"](gone, text)
             finally:
