@@ -41,11 +41,13 @@ def serve_worker(host: str = "127.0.0.1", port: int = 50052, threads: int | None
     from localmix.units import human_bytes
 
     check_host(host, unauthenticated_ok)
-    endpoint = f"[{host}]:{port}" if ":" in host.strip("[]") else f"{host}:{port}"
+    if ":" in host:  # llama.cpp splits an endpoint at its first colon
+        raise InputError(f"--host {host}: llama.cpp's RPC server takes an IPv4 address or a host name, not IPv6")
+    endpoint = f"{host}:{port}"
     try:  # a port in use is a clean error, before llama.cpp's own (a line on stdout and a return)
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host.strip("[]"), port))
+            s.bind((host, port))
     except OSError as e:
         raise InputError(f"cannot listen on {endpoint}: {e.strerror or e}") from None
     if cache is not None:

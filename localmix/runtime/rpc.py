@@ -68,6 +68,9 @@ def parse_endpoints(text: str) -> list[str]:
             host, port = "127.0.0.1", part
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise InputError(f"--rpc {part!r}: write HOST:PORT, e.g. 192.168.1.20:{DEFAULT_PORT}")
+        if ":" in host:  # llama.cpp splits an endpoint at its first colon
+            raise InputError(f"--rpc {part!r}: llama.cpp's RPC backend takes an IPv4 address or a host name, "
+                             "not an IPv6 address")
         found.append(f"{host}:{int(port)}")
     if not found:
         raise InputError(f"--rpc names no worker; write HOST:PORT[,HOST:PORT...], e.g. 127.0.0.1:{DEFAULT_PORT}")
