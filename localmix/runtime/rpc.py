@@ -120,12 +120,15 @@ def hello(endpoint: str, timeout: float = CONNECT_TIMEOUT) -> tuple[int, int, in
     return version
 
 
-def reachable(endpoint: str, timeout: float = 1.0) -> bool:
-    """Whether something accepts connections at `endpoint` (a worker busy with another client
-    does: the kernel queues the connection)."""
+def refuses(endpoint: str, timeout: float = 0.5) -> bool:
+    """Whether `endpoint` refuses connections: nothing listens there (a worker busy with another
+    client does not refuse; the kernel queues the connection). A timeout is not a refusal: a
+    live worker's short queue may be full."""
     try:
         with socket.create_connection(split_endpoint(endpoint), timeout=timeout):
-            return True
+            return False
+    except ConnectionRefusedError:
+        return True
     except OSError:
         return False
 
@@ -138,7 +141,7 @@ def gone_workers(endpoints: list[str], seconds: float = 1.0) -> list[str]:
     gone: list[str] = []
     deadline = time.monotonic() + seconds
     while True:
-        gone += [e for e in endpoints if e not in gone and not reachable(e, timeout=min(seconds, 0.5))]
+        gone += [e for e in endpoints if e not in gone and refuses(e, timeout=min(seconds, 0.5))]
         if gone or time.monotonic() > deadline:
             return [e for e in endpoints if e in gone]
         time.sleep(0.1)
