@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -49,8 +50,11 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, "-m", "localmix", "worker", "--port", str(self.port),
                                       "--threads", "1", *args], cwd=REPO, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
-        self.line = self.proc.stdout.readline()  # its one line, once it serves (or "" if it died)
-        assert self.endpoint in self.line, self.proc.stderr.read()
+        ready, _, _ = select.select([self.proc.stdout], [], [], 60)  # its one line, once it serves
+        self.line = self.proc.stdout.readline() if ready else ""
+        if self.endpoint not in self.line:
+            self.proc.kill()
+            raise AssertionError(f"the worker did not start: {self.line}{self.proc.communicate(timeout=20)[1]}")
 
     def rss(self) -> int:
         return status_bytes(self.proc.pid, "VmRSS")
