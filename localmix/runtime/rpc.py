@@ -218,6 +218,8 @@ def add_workers(endpoints: list[str], timeout: float = CONNECT_TIMEOUT) -> list[
     for endpoint in endpoints:
         if endpoint not in _ADDED:
             hello(endpoint, timeout)
+    if not _WATCH["endpoints"]:  # a worker gone between the greeting and llama.cpp's connection: one line
+        watch(endpoints)
     base, ggml, _ = _rpc()
     add = _proc("ggml_backend_rpc_add_server", ctypes.c_void_p, ctypes.c_char_p)
     found = []
