@@ -127,12 +127,15 @@ def logits(path: Path, plan=None, workers=()) -> tuple[np.ndarray, str, int, int
 @pytest.mark.parametrize("model", ["mixtral", "mixtral-8x22b"])
 def test_split_gives_the_same_logits_and_text(workers, shared_dir, model):
     from localmix.frontends.load import plan_engine
+    from localmix.runtime.devices import devices
 
     path = deep_gguf(shared_dir, model, "F32" if model == "mixtral" else "Q8_0")
     single, single_text, single_before, single_after, _ = logits(path)
     rss = [w.rss() for w in workers]
     _, plan, _ = plan_engine(path, 256, rpc=rpc_of(workers))
     split, split_text, before, after, loaded = logits(path, plan, workers)
+    # the workers' devices stay out of ggml's device list: later loads in this process plan as before
+    assert not any(d.name.startswith("RPC") for d in devices())
     assert split_text == single_text and split_text.strip()
     # the same CPU kernels on the same rows: equal up to float32 rounding of the sums
     assert np.abs(split - single).max() < 1e-4

@@ -164,8 +164,6 @@ def _rpc() -> tuple[ctypes.CDLL, ctypes.CDLL, int]:
         ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
         ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
         ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-        ggml.ggml_backend_device_register.restype = None
-        ggml.ggml_backend_device_register.argtypes = [ctypes.c_void_p]
         base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
         base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         base.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
@@ -213,8 +211,11 @@ _ADDED: dict[str, list[RemoteDevice]] = {}
 
 
 def add_workers(endpoints: list[str], timeout: float = CONNECT_TIMEOUT) -> list[RemoteDevice]:
-    """Greet each worker (`hello`), then add it to llama.cpp and register its devices; their
-    order is the order of `endpoints`. A worker already added in this process is reused."""
+    """Greet each worker (`hello`), then add it to llama.cpp; its devices, in the order of
+    `endpoints`. A worker already added in this process is reused. Its devices are not
+    registered with ggml's device list: a GPU-type device there would be taken for a local GPU
+    (`devices.gpu_budget`) and offloaded to by every later load of the process; llama.cpp gets
+    them through llama_model_params.devices only."""
     for endpoint in endpoints:
         if endpoint not in _ADDED:
             hello(endpoint, timeout)
@@ -231,7 +232,6 @@ def add_workers(endpoints: list[str], timeout: float = CONNECT_TIMEOUT) -> list[
             added = []
             for i in range(base.ggml_backend_reg_dev_count(reg)):
                 dev = base.ggml_backend_reg_dev_get(reg, i)
-                ggml.ggml_backend_device_register(dev)
                 free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
                 base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
                 added.append(RemoteDevice(base.ggml_backend_dev_name(dev).decode(), endpoint, free.value,
@@ -255,11 +255,12 @@ def split_devices(rpc: str, timeout: float = CONNECT_TIMEOUT) -> list[tuple[str,
 
 def device_array(names: list[str]) -> ctypes.Array:
     """The NULL-terminated `ggml_backend_dev_t *` of llama_model_params.devices, of the
-    devices llama.cpp calls `names` here (CUDA0, RPC0, ...)."""
+    devices called `names` here: the workers' added (RPC0, ...), this machine's (CUDA0, ...)."""
     _, ggml, _ = _rpc()
     ggml.ggml_backend_dev_by_name.restype = ctypes.c_void_p
     ggml.ggml_backend_dev_by_name.argtypes = [ctypes.c_char_p]
-    handles = [ggml.ggml_backend_dev_by_name(n.encode()) for n in names]
+    added = {d.name: d.handle for devices in _ADDED.values() for d in devices}  # not in ggml's list
+    handles = [added.get(n) or ggml.ggml_backend_dev_by_name(n.encode()) for n in names]
     missing = [n for n, h in zip(names, handles) if not h]
     if missing:
         raise InputError(f"llama.cpp has no device {', '.join(missing)} here (an RPC worker not added?)")
