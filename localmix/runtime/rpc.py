@@ -162,8 +162,8 @@ def _rpc() -> tuple[ctypes.CDLL, ctypes.CDLL, int]:
     if not _BOUND:
         ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
         ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
-        ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-        ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+        ggml.ggml_backend_dev_by_name.restype = ctypes.c_void_p
+        ggml.ggml_backend_dev_by_name.argtypes = [ctypes.c_char_p]
         base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
         base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         base.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
@@ -195,7 +195,7 @@ def local_devices() -> list[tuple[int, Device]]:
 
     _rpc()
     _, ggml = libs()
-    found = [(ggml.ggml_backend_dev_get(i), d) for i, d in enumerate(devices()) if not d.name.startswith("RPC")]
+    found = [(ggml.ggml_backend_dev_get(i), d) for i, d in enumerate(devices())]
     return [f for f in found if f[1].kind in ("gpu", "igpu", "accel")] or [f for f in found if f[1].kind == "cpu"][:1]
 
 
@@ -221,7 +221,7 @@ def add_workers(endpoints: list[str], timeout: float = CONNECT_TIMEOUT) -> list[
             hello(endpoint, timeout)
     if not _WATCH["endpoints"]:  # a worker gone between the greeting and llama.cpp's connection: one line
         watch(endpoints)
-    base, ggml, _ = _rpc()
+    base, _, _ = _rpc()
     add = _proc("ggml_backend_rpc_add_server", ctypes.c_void_p, ctypes.c_char_p)
     found = []
     for endpoint in endpoints:
@@ -248,8 +248,7 @@ def split_devices(rpc: str, timeout: float = CONNECT_TIMEOUT) -> list[tuple[str,
     from localmix.runtime.devices import devices
 
     remote = add_workers(parse_endpoints(rpc), timeout)
-    gpus = [(d.name, "this machine", d.free) for d in devices()
-            if d.kind in ("gpu", "igpu", "accel") and not d.name.startswith("RPC")]
+    gpus = [(d.name, "this machine", d.free) for d in devices() if d.kind in ("gpu", "igpu", "accel")]
     return gpus + [(d.name, d.endpoint, d.free) for d in remote]
 
 
@@ -257,8 +256,6 @@ def device_array(names: list[str]) -> ctypes.Array:
     """The NULL-terminated `ggml_backend_dev_t *` of llama_model_params.devices, of the
     devices called `names` here: the workers' added (RPC0, ...), this machine's (CUDA0, ...)."""
     _, ggml, _ = _rpc()
-    ggml.ggml_backend_dev_by_name.restype = ctypes.c_void_p
-    ggml.ggml_backend_dev_by_name.argtypes = [ctypes.c_char_p]
     added = {d.name: d.handle for devices in _ADDED.values() for d in devices}  # not in ggml's list
     handles = [added.get(n) or ggml.ggml_backend_dev_by_name(n.encode()) for n in names]
     missing = [n for n, h in zip(names, handles) if not h]
