@@ -303,3 +303,20 @@ def test_hello_refuses_another_protocol_and_a_stranger():
     with pytest.raises(InputError, match=rf"RPC worker {stranger} answered the handshake with"):
         hello(stranger)
     assert hello(serve(struct.pack("<Q", 28) + bytes([7, 0, 1, 0]) + bytes(24))) == (7, 0, 1)
+
+
+def test_endpoints_and_hosts_are_checked_before_anything_connects():
+    from localmix.errors import InputError
+    from localmix.frontends.worker import check_host
+    from localmix.runtime.rpc import parse_endpoints
+
+    assert parse_endpoints("10.0.0.2:50052, 10.0.0.3:50053") == ["10.0.0.2:50052", "10.0.0.3:50053"]
+    assert parse_endpoints("50052") == ["127.0.0.1:50052"]
+    for bad in ("10.0.0.2", "10.0.0.2:0", "10.0.0.2:x", ",", "[::1]:50052", "a:1,a:1"):
+        with pytest.raises(InputError):
+            parse_endpoints(bad)
+    check_host("127.0.0.1", False)
+    check_host("localhost", False)
+    check_host("192.168.1.20", True)  # with --unauthenticated-network
+    with pytest.raises(InputError, match="--unauthenticated-network"):
+        check_host("192.168.1.20", False)
