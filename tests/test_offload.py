@@ -73,7 +73,7 @@ def test_the_override_array_places_exactly_the_planned_tensors(converted, capsys
 def cpu_extra_buffer_types() -> dict[str, int]:
     """The CPU backend's extra buffer types (CPU_REPACK, AMX...) by name, as llama.cpp's
     --override-tensor lists them (ggml_backend_dev_get_extra_bufts)."""
-    base, ggml = devices._libs()
+    base, ggml = devices.libs()
     base.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
     base.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
     base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p

@@ -13,6 +13,7 @@
   quantize.py   `localmix quantize`: a fixed mix, or a fitted one
   fit.py        `localmix quantize --fit`
   demo.py       `localmix demo`
+  worker.py     `localmix worker`: this machine's device served to `--rpc` on another
   hub.py        models by name: pull, resolve, list, remove
   progress.py   progress bars
   render.py     tables and the stats line

@@ -40,6 +40,7 @@ class ChatSession:
         self.sampling = sampling or Sampling()
         self.conversation = Conversation(system or None)
         self.stats = Stats()
+        self.failed = None  # () -> the error that ended the engine (an RPC worker lost), or None
 
     def run(self, ui: UI) -> None:
         armed = False  # after one Ctrl-C at an empty prompt, a second one quits
@@ -93,7 +94,7 @@ class ChatSession:
             return None
         done = None
         try:
-            done = stream(self.reply, self.conversation.messages(), self.sampling, ui.piece)
+            done = stream(self.reply, self.conversation.messages(), self.sampling, ui.piece, self.failed)
         except LocalmixError as e:
             turns[:] = restore
             ui.error(str(e))
@@ -120,6 +121,15 @@ class ChatSession:
         return self.count_tokens(messages) if messages else 0
 
 
+def worker_lost(gone: list[str], rpc: str | None) -> LocalmixError:
+    """The chat's line for a lost RPC worker: the session goes on (/save keeps it), the model
+    must be loaded again."""
+    from localmix.runtime.rpc import WorkerLost, lost_line, parse_endpoints
+
+    return WorkerLost(lost_line(gone, parse_endpoints(rpc) if rpc else []) + ": /save the conversation if you "
+                      "want it, then start the chat again")
+
+
 def history_path() -> Path:
     return data_dir() / "chat_history"
 
@@ -127,11 +137,25 @@ def history_path() -> Path:
 def chat(model: Path, load: Load, sampling: Sampling, system: str | None = None, raw: bool = False,
          history: bool = True) -> None:
     """`localmix chat`: open the model as `load` says and chat with it on this terminal."""
-    engine = open_engine(model, load)
+    lost: list[LocalmixError] = []  # set from llama.cpp's thread when an RPC worker goes away
+    engine = open_engine(model, load, on_lost=lambda gone, message: lost.append(worker_lost(gone, load.rpc)))
     reply, count_tokens = engine_reply(engine)
-    session = ChatSession(reply, sampling=sampling, system=system, n_ctx=engine.n_ctx, count_tokens=count_tokens,
+
+    def guarded(messages, sampling, cancel):
+        if lost:  # the engine waits on the lost worker for ever: never call it again
+            raise lost[0]
+        yield from reply(messages, sampling, cancel)
+
+    session = ChatSession(guarded, sampling=sampling, system=system, n_ctx=engine.n_ctx, count_tokens=count_tokens,
                           model=str(model), memory=placement_line(engine.plan))
+    session.failed = lambda: lost[0] if lost else None
     start(session, raw=raw, history=history_path() if history else None)
+    if lost:  # llama.cpp's threads wait on the lost worker for ever: leave without its exit handlers
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def start(session: ChatSession, raw: bool = False, history: Path | None = None) -> None:

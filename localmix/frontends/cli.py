@@ -161,10 +161,12 @@ def rm(spec: str = typer.Argument(..., help="REPO or REPO:QUANT_OR_FILE, as `loc
 
 
 @app.command()
-@options(load=LOAD.only("ctx", "vram", "ram", "n_cpu_moe").but(
+@options(load=LOAD.only("ctx", "vram", "ram", "n_cpu_moe", "rpc").but(
     ctx=8192, help_ctx="Context length to plan for.", help_ram="RAM to plan for \\[default: what is available now].",
     help_vram="GPU memory to plan for, e.g. 24GiB \\[default: what llama.cpp's devices report].",
-    help_n_cpu_moe="Keep the experts of the first N layers on the CPU."))
+    help_n_cpu_moe="Keep the experts of the first N layers on the CPU.",
+    help_rpc="Plan a split across this machine and `localmix worker`s at HOST:PORT\\[,HOST:PORT...] (asks them "
+             "their memory; loads nothing)."))
 def plan(
     model: str = typer.Argument(..., help="A GGUF file, a pulled name, or a preset and type such as mixtral-8x7b:Q4_K_M "
                                 "(presets: mixtral-8x7b, mixtral-8x22b, mistral-7b)."),
@@ -172,14 +174,29 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     load: Load = None,
 ):
-    """Where each tensor goes: the GPU while it fits, the experts of the first layers on the CPU."""
+    """Where each tensor goes: the GPU while it fits, the experts of the first layers on the CPU
+    (with --rpc: the layers split across this machine and the workers)."""
     from localmix.convert.presets import PRESETS
+    from localmix.errors import InputError
+    from localmix.frontends.load import split_file_plan
     from localmix.frontends.render import plan_table
     from localmix.runtime.devices import machine
     from localmix.runtime.planner import describe, file_plan, preset_plan
 
-    device, budget, ram_bytes = machine(load.vram, load.ram, metal)
     name, _, file_type = model.partition(":")
+    if load.rpc:
+        from localmix.runtime.planner import split_preset_plan
+
+        p = split_preset_plan(name, (file_type or "Q4_K_M").upper(), load.ctx, load.ram, load.rpc) \
+            if name in PRESETS else split_file_plan(model_path(model), load.ctx, load.ram, load.rpc)
+        if as_json:
+            print(json.dumps(describe(p), indent=2))
+        else:
+            Console(highlight=False).print(plan_table(p))
+        if not p.fits:
+            raise InputError(f"the split does not fit: {p.advice}")
+        return
+    device, budget, ram_bytes = machine(load.vram, load.ram, metal)
     if name in PRESETS:
         p = preset_plan(name, (file_type or "Q4_K_M").upper(), load.ctx, budget, ram_bytes, device=device,
                         n_cpu_moe=load.n_cpu_moe)
@@ -189,6 +206,27 @@ def plan(
         print(json.dumps(describe(p), indent=2))
     else:
         Console(highlight=False).print(plan_table(p))
+
+
+@app.command()
+def worker(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; other than loopback needs "
+                             "--unauthenticated-network."),
+    port: int = typer.Option(50052, "--port", min=1, max=65535),
+    threads: int = typer.Option(None, "--threads", "-t", min=1, help="CPU threads \\[default: all this process may use]."),
+    cache: Path = typer.Option(None, "--cache", help="Keep large tensors in this folder by hash, so that the next "
+                               "load does not send them again."),
+    unauthenticated_network: bool = typer.Option(False, "--unauthenticated-network", help="Listen on a non-loopback "
+                                                 "--host although the RPC protocol has no password or encryption."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's RPC server log."),
+):
+    """Lend this machine's memory and compute to `run`, `chat` or `serve --rpc` on another machine."""
+    from localmix.frontends.worker import serve_worker
+
+    code = serve_worker(host, port, threads, cache, unauthenticated_network, verbose)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # llama.cpp's server thread has no stop: end the process around it
 
 
 app.command()(cli_files.experts)

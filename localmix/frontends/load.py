@@ -19,7 +19,7 @@ from localmix.runtime.planner import file_plan
 from localmix.units import human_bytes
 
 
-def open_engine(path: str | Path, load: Load | None = None, sequences: int = 1, **fields) -> Engine:
+def open_engine(path: str | Path, load: Load | None = None, sequences: int = 1, on_lost=None, **fields) -> Engine:
     """Check the file, choose the context, plan where the tensors go, check it fits, and load it
     as `load` says (a `Load`; keywords such as `ctx=1024` change its fields).
 
@@ -31,9 +31,15 @@ def open_engine(path: str | Path, load: Load | None = None, sequences: int = 1, 
     `gpu_layers` overrule the planner, as llama.cpp's flags of those names do; `repack` too
     (None: the plan's choice). `engine="native"` runs localmix's own forward (localmix.native) on
     the CPU, its KV cache float32. `sequences`: how many KV caches of `ctx` tokens the caller
-    will hold (a server's --parallel); the memory check counts them all."""
+    will hold (a server's --parallel); the memory check counts them all. `rpc` ("host:port,...")
+    splits the layers across this machine and those workers (runtime/rpc.py); a worker lost
+    later calls `on_lost(gone, message)` (default: one line and exit 1, see `rpc.watch`)."""
     o = dataclasses.replace(load or Load(), **fields)
-    ctx, plan, _ = plan_engine(path, o.ctx, o.force, o.vram, o.ram, o.n_cpu_moe, o.engine, sequences)
+    ctx, plan, _ = plan_engine(path, o.ctx, o.force, o.vram, o.ram, o.n_cpu_moe, o.engine, sequences, o.rpc)
+    if o.rpc:
+        from localmix.runtime.rpc import parse_endpoints, watch
+
+        watch(parse_endpoints(o.rpc), on_lost)
     if o.engine == "native":
         from localmix.native.engine import NativeEngine  # numba's compiled kernels: only when asked for
 
@@ -45,12 +51,15 @@ def open_engine(path: str | Path, load: Load | None = None, sequences: int = 1, 
 
 
 def plan_engine(path: str | Path, ctx: int | None = None, force: bool = False, vram: str | None = None,
-                ram: str | None = None, n_cpu_moe: int | None = None, engine: str = "llama.cpp", sequences: int = 1):
+                ram: str | None = None, n_cpu_moe: int | None = None, engine: str = "llama.cpp", sequences: int = 1,
+                rpc: str | None = None):
     """open_engine's checks without the loading: (context per sequence, placement plan, device).
     A model that does not fit with `sequences` KV caches of the context is an InputError."""
     if engine not in ("llama.cpp", "native"):
         raise InputError(f"unknown engine {engine!r}; choose llama.cpp or native")
     summary = check_gguf(path)
+    if rpc:
+        return split_engine(path, summary, ctx, force, ram, engine, sequences, rpc)
     if engine == "native":  # CPU only: no GPU devices to ask about
         device, gpu_budget, ram_budget = "cpu", None, parse_size(ram) if ram else available_memory()
     else:
@@ -87,3 +96,33 @@ def plan_engine(path: str | Path, ctx: int | None = None, force: bool = False, v
         held = f" with {sequences} sequences (--parallel)" if sequences > 1 else ""
         raise InputError(f"{Path(path).name} at {ctx} tokens of context{held}: {plan.advice} (--force loads it anyway)")
     return ctx, plan, device
+
+
+def split_engine(path, summary, ctx: int | None, force: bool, ram: str | None, engine: str, sequences: int, rpc: str):
+    """plan_engine across machines: add the workers, then the largest of the model's own
+    context, 16K, 8K, 4K and 2K whose split fits (or `ctx`)."""
+    from localmix.runtime.planner import split_file_plan
+    from localmix.runtime.rpc import split_devices
+
+    if engine != "llama.cpp":
+        raise InputError("--rpc splits the model with llama.cpp's RPC backend: it needs --engine llama.cpp")
+    workers = split_devices(rpc)
+    ram_budget = parse_size(ram) if ram else available_memory()
+    own = summary.context_length or 4096
+    tries = [ctx] if ctx else [own] + [c for c in (16384, 8192, 4096, 2048) if c < own]
+    for ctx in tries:
+        plan = split_file_plan(summary, ctx * sequences, ram_budget, workers)
+        if plan.fits:
+            break
+    if not plan.fits and not force:
+        raise InputError(f"{Path(path).name} at {ctx} tokens of context: {plan.advice} (--force loads it anyway)")
+    return ctx, plan, "rpc"
+
+
+def split_file_plan(path, ctx: int, ram: str | None, rpc: str):
+    """`plan --rpc`: the split of the GGUF at `path` across this machine and the workers."""
+    from localmix.runtime.planner import split_file_plan as plan_split
+    from localmix.runtime.rpc import split_devices
+
+    workers = split_devices(rpc)
+    return plan_split(check_gguf(path), ctx, parse_size(ram) if ram else available_memory(), workers)

@@ -37,6 +37,7 @@ class Load:
     gpu_layers: int | None = None       # llama.cpp's n_gpu_layers; None: the plan's
     repack: bool | None = None          # llama.cpp's repacked CPU layouts; None: the plan's choice
     engine: str = "llama.cpp"           # or "native"
+    rpc: str | None = None              # workers "host:port,host:port" (localmix worker) to split across
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ LOAD = Group(Load, {
                    "file and the copy].", Optional[bool]),
     "engine": Flag(("--engine",), "llama.cpp, or native: localmix's own numpy forward (CPU).", str),
     "verbose": Flag(("--verbose", "-v"), "Show llama.cpp's log.", bool),
+    "rpc": Flag(("--rpc",), "Split the layers across this machine and `localmix worker`s at HOST:PORT\\[,HOST:PORT...], "
+                "in proportion to their memory.", Optional[str]),
 })
 
 SAMPLING = Group(Sampling, {

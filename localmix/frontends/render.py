@@ -46,6 +46,8 @@ def plan_table(p):
     """`localmix plan`'s table: the device and budget, context, where the weights go, the verdict."""
     from rich.table import Table
 
+    if p.shares:
+        return split_table(p)
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
@@ -63,6 +65,24 @@ def plan_table(p):
     t.add_row("RAM", (human_bytes(p.ram_budget) if p.ram_budget else "unknown")
               + ("; CPU weights repacked for speed" if p.repack and p.cpu_bytes else ""))
     t.add_row("verdict", "fits" if p.fits else f"[yellow]{p.advice}[/]")
+    return t
+
+
+def split_table(p):
+    """`localmix plan --rpc`'s table: per device, its layers, weights, KV cache and free memory."""
+    from rich.table import Table
+
+    t = Table(box=None, pad_edge=False, title=f"{p.n_ctx} tokens of context, weights {human_bytes(p.weights_bytes)}, "
+              f"KV cache {human_bytes(p.kv_bytes)}", title_justify="left")
+    for column in ("device", "where", "layers", "weights", "KV cache", "compute", "free"):
+        t.add_column(column, justify="left" if column in ("device", "where", "layers") else "right", no_wrap=True)
+    for s in p.shares:
+        layers = f"{s.first}-{s.first + s.n_layers - 1}" if s.n_layers else "none"
+        t.add_row(s.device, s.where, layers + ("*" if s is p.shares[0] else ""),
+                  human_bytes(s.weights_bytes), human_bytes(s.kv_bytes), human_bytes(s.compute_bytes),
+                  human_bytes(s.budget), style=None if s.need <= s.budget else "yellow")
+    t.caption = "* and the embeddings and output layer; " + ("fits" if p.fits else p.advice)
+    t.caption_justify = "left"
     return t
 
 

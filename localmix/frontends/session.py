@@ -88,9 +88,12 @@ class _Failed:
 _END = object()
 
 
-def stream(reply: Reply, messages: list[dict], sampling: Sampling, show: Callable[[str], None]) -> Done:
+def stream(reply: Reply, messages: list[dict], sampling: Sampling, show: Callable[[str], None],
+           failed: Callable[[], BaseException | None] | None = None) -> Done:
     """Run `reply` in a worker thread and show its text as it comes; Ctrl-C (KeyboardInterrupt
-    in this thread) sets the cancel event and the reply ends early, with its Done."""
+    in this thread) sets the cancel event and the reply ends early, with its Done. `failed()`,
+    asked while waiting, returns an error when the engine cannot go on (an RPC worker lost):
+    it is raised here and the worker thread, stuck in the engine, is left behind."""
     cancel = threading.Event()
     events: queue.Queue = queue.Queue()
 
@@ -122,14 +125,16 @@ def stream(reply: Reply, messages: list[dict], sampling: Sampling, show: Callabl
                     shown.append(event.text)
                     show(event.text)
             except queue.Empty:
-                pass
+                if failed is not None and failed() is not None:
+                    raise failed() from None
             except KeyboardInterrupt:
                 cancel.set()
     except BaseException:
         cancel.set()  # leaving early (the reply failed, or showing it did): stop the worker too
         raise
     finally:
-        worker.join()
+        if failed is None or failed() is None:
+            worker.join()
     if done is None:  # a reply that ended without its Done
         done = Done("cancelled" if cancel.is_set() else "eos", 0, 0, len(shown), 0.0, 0.0, "".join(shown))
     return done

@@ -13,6 +13,7 @@
   planner.py    where the tensors go: GPU, Metal or CPU
   devices.py    the machine's free VRAM and RAM
   offload.py    how llama.cpp is told the placement
+  rpc.py        llama.cpp's RPC backend: serve a device to another machine, use other machines' devices
   evaluate.py   `localmix eval`'s measurement: KL divergence from a reference
   kld.py        llama-perplexity's KL-divergence statistics
 

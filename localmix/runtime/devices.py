@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import re
 from dataclasses import dataclass
 from functools import cache
 
@@ -27,12 +28,12 @@ class Device:
 
 
 @cache
-def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     import llama_cpp
 
     lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
-    base = ctypes.CDLL(sorted(glob.glob(os.path.join(lib_dir, "libggml-base.*")))[0], mode=ctypes.RTLD_GLOBAL)
-    ggml = ctypes.CDLL(sorted(glob.glob(os.path.join(lib_dir, "libggml.*")))[0], mode=ctypes.RTLD_GLOBAL)
+    base = ctypes.CDLL(_loaded(lib_dir, "libggml-base"), mode=ctypes.RTLD_GLOBAL)
+    ggml = ctypes.CDLL(_loaded(lib_dir, "libggml"), mode=ctypes.RTLD_GLOBAL)
     ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
     ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
     ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
@@ -49,12 +50,20 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     return base, ggml
 
 
+def _loaded(lib_dir: str, name: str) -> str:
+    """The file of library `name` that libllama loaded: on Linux its soname (libggml.so.0), for
+    pip installs the wheel's symlinks as copies (libggml.so, libggml.so.0, libggml.so.0.25.3),
+    and opening another copy would give a second ggml with registries and settings of its own."""
+    found = sorted(glob.glob(os.path.join(lib_dir, f"{name}.*")))
+    return next((f for f in found if re.fullmatch(rf"{re.escape(name)}\.so\.\d+", os.path.basename(f))), found[0])
+
+
 def devices() -> list[Device]:
     """Every device llama.cpp's build can use, CPU included."""
     import llama_cpp
 
     llama_cpp.llama_backend_init()  # loads the backends, as a model load would
-    base, ggml = _libs()
+    base, ggml = libs()
     found = []
     for i in range(ggml.ggml_backend_dev_count()):
         dev = ggml.ggml_backend_dev_get(i)
@@ -73,7 +82,7 @@ def buffer_type(name: str) -> int:
     from localmix.errors import InputError
 
     llama_cpp.llama_backend_init()
-    base, ggml = _libs()
+    base, ggml = libs()
     names = []
     for i in range(ggml.ggml_backend_dev_count()):
         buft = base.ggml_backend_dev_buffer_type(ggml.ggml_backend_dev_get(i))

@@ -44,9 +44,10 @@ def override_array(overrides: list[tuple[str, str]]) -> ctypes.Array | None:
 
 
 @contextmanager
-def _model_params_with(overrides: ctypes.Array | None, repack: bool):
+def _model_params_with(overrides: ctypes.Array | None, repack: bool, devices: ctypes.Array | None = None):
     """While active, llama-cpp-python's `llama_model_default_params()` returns params whose
-    tensor_buft_overrides point at `overrides` and whose use_extra_bufts is `repack`."""
+    tensor_buft_overrides point at `overrides`, whose use_extra_bufts is `repack` and whose
+    devices (a NULL-terminated `ggml_backend_dev_t *`, NULL: every GPU) are `devices`."""
     import llama_cpp.llama_cpp as lib
 
     default = lib.llama_model_default_params
@@ -55,6 +56,8 @@ def _model_params_with(overrides: ctypes.Array | None, repack: bool):
         params = default()
         params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p).value if overrides else None
         params.use_extra_bufts = repack
+        if devices is not None:
+            params.devices = ctypes.cast(devices, ctypes.c_void_p).value
         return params
 
     with _LOCK:
@@ -82,7 +85,13 @@ def load_llama(model_path: str, plan: Plan | None = None, n_gpu_layers: int | No
     if n_gpu_layers is None:
         n_gpu_layers = plan.n_gpu_layers if plan else 0
     overrides = override_array(plan.overrides if plan else [])
-    with _model_params_with(overrides, repack):
+    devices = None
+    if getattr(plan, "shares", None):  # split across devices and workers: the layers of each
+        from localmix.runtime.rpc import device_array
+
+        devices = device_array(plan.rpc_devices)
+        kwargs["tensor_split"] = plan.tensor_split
+    with _model_params_with(overrides, repack, devices):
         llm = Llama(model_path=model_path, n_gpu_layers=n_gpu_layers, **kwargs)
-    llm._localmix_overrides = overrides  # llama.cpp holds the pointers: keep them alive with the model
+    llm._localmix_overrides = (overrides, devices)  # llama.cpp holds the pointers: keep them alive with the model
     return llm

@@ -40,6 +40,24 @@ class ModelDims:
 
 
 @dataclass
+class Share:
+    """One device's part of a split across machines: consecutive layers, with their experts,
+    KV cache and a compute buffer."""
+    device: str                       # llama.cpp's name: CPU here, RPC0, RPC1, ... on workers
+    where: str                        # "this machine", or the worker's host:port
+    first: int                        # its layers are first .. first + n_layers - 1
+    n_layers: int
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    budget: int
+
+    @property
+    def need(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes
+
+
+@dataclass
 class Plan:
     device: str                       # "gpu", "metal" or "cpu"
     n_ctx: int
@@ -55,10 +73,28 @@ class Plan:
     repack: bool = False              # llama.cpp's use_extra_bufts for the CPU weights
     fits: bool = True
     advice: str | None = None
+    shares: list[Share] = field(default_factory=list)  # split across machines (--rpc): local first
+
+    @property
+    def rpc_devices(self) -> list[str]:
+        """llama.cpp's names of the devices the plan uses besides the CPU (this machine's GPUs,
+        the workers'), in layer order."""
+        return [s.device for s in self.shares[1:]]
+
+    @property
+    def tensor_split(self) -> list[float]:
+        """llama.cpp's tensor_split over `rpc_devices`: the layers of each. llama.cpp counts the
+        output layer as one more, last, layer (n_gpu_layers counts it too): the last worker's
+        share holds it, and `overrides` keep its tensors here."""
+        split = [float(s.n_layers) for s in self.shares[1:]]
+        split[-1] += 1
+        return split
 
     @property
     def overrides(self) -> list[tuple[str, str]]:
         """llama.cpp tensor_buft_overrides: (regex on tensor names, buffer type)."""
+        if self.shares:  # split across machines: the output layer stays here
+            return [(r"^output(_norm)?\.", "CPU")]
         if not self.cpu_expert_layers:
             return []
         layers = "|".join(str(i) for i in self.cpu_expert_layers)
@@ -139,6 +175,71 @@ def plan(tensors: list[tuple[str, int]], dims: ModelDims, n_ctx: int, gpu_budget
     return p
 
 
+def layer_bytes(tensors: list[tuple[str, int]], n_layer: int) -> tuple[list[int], int]:
+    """(bytes of each layer's tensors, bytes of the rest: embeddings, output norm and output)."""
+    per = [0] * n_layer
+    rest = 0
+    for name, n in tensors:
+        m = re.match(r"^blk\.(\d+)\.", name)
+        if m and int(m.group(1)) < n_layer:
+            per[int(m.group(1))] += n
+        else:
+            rest += n
+    return per, rest
+
+
+def proportional(n: int, weights: list[float]) -> list[int]:
+    """`n` whole items in proportion to `weights` (largest remainders), each at least one while
+    there are as many items as weights."""
+    total = sum(weights) or 1.0
+    exact = [n * w / total for w in weights]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(weights)), key=lambda i: exact[i] - counts[i], reverse=True)[: n - sum(counts)]:
+        counts[i] += 1
+    for i in range(len(counts)):  # a device with none takes one from the device with most
+        if counts[i] == 0 and n >= len(counts):
+            counts[counts.index(max(counts))] -= 1
+            counts[i] = 1
+    return counts
+
+
+def split_plan(tensors: list[tuple[str, int]], dims: ModelDims, n_ctx: int, ram_budget: int,
+               workers: list[tuple[str, str, int]], kv_type: str = "f16") -> Plan:
+    """Split the layers between this machine's CPU (the first layers, the embeddings and the
+    output layer) and the other devices (`workers`: llama.cpp's device name, "this machine" or
+    host:port, free bytes: this machine's GPUs, then the workers'), in proportion to the memory
+    of each; all the experts of a layer go with it.
+    Each device also holds the KV cache of its layers and a compute buffer."""
+    per, rest = layer_bytes(tensors, dims.n_layer)
+    kv_layer = kv_cache_bytes(dims, n_ctx, kv_type) // max(dims.n_layer, 1)
+    compute = compute_bytes(dims, n_ctx)
+    # a GPU here keeps a reserve for its runtime and display; a worker reports what it can give
+    workers = [(name, where, max(free - HEADROOM, 0) if where == "this machine" else free)
+               for name, where, free in workers]
+    budgets = [max(ram_budget - rest, 0), *(free for _, _, free in workers)]
+    counts = proportional(dims.n_layer, [float(b) for b in budgets])
+    names = [("CPU", "this machine"), *((name, where) for name, where, _ in workers)]
+    shares, first = [], 0
+    for (name, where), n, budget in zip(names, counts, [ram_budget, *(free for _, _, free in workers)]):
+        weights = sum(per[first:first + n]) + (rest if not shares else 0)
+        shares.append(Share(name, where, first, n, weights, kv_layer * n, compute, budget))
+        first += n
+    weights = sum(n for _, n in tensors)
+    kv = kv_layer * dims.n_layer
+    local = shares[0]
+    p = Plan("rpc", n_ctx, weights, kv, compute, sum(s.need for s in shares[1:]), local.weights_bytes, None,
+             ram_budget, dims.n_layer - local.n_layers + 1, shares=shares)
+    short = [s for s in shares if s.need > s.budget]
+    if short:
+        from localmix.units import human_bytes as h
+
+        s = short[0]
+        p.fits = False
+        p.advice = (f"{s.device} ({s.where}) is short: its {s.n_layers} layers need {h(s.need)} with their KV cache, "
+                    f"{h(s.budget)} is free there; add a worker, use a smaller --ctx or a smaller quant")
+    return p
+
+
 def preset_plan(preset: str, file_type: str, n_ctx: int, gpu_budget: int | None, ram_budget: int | None = None,
                 device: str = "gpu", n_cpu_moe: int | None = None) -> Plan:
     """Plan for a preset model (localmix.convert.presets), with no file at hand."""
@@ -149,6 +250,21 @@ def preset_plan(preset: str, file_type: str, n_ctx: int, gpu_budget: int | None,
                      cfg.head_dim, cfg.vocab_size, cfg.intermediate_size, cfg.num_experts_per_tok if cfg.is_moe else 0)
     tensors = [(t.name, t.n_bytes) for t in preset_tensors(preset, file_type)]
     return plan(tensors, dims, n_ctx, gpu_budget, ram_budget, device=device, n_cpu_moe=n_cpu_moe)
+
+
+def split_preset_plan(preset: str, file_type: str, n_ctx: int, ram: str | None, rpc: str) -> Plan:
+    """`plan --rpc` for a preset model: its split across this machine and the workers at `rpc`."""
+    from localmix.convert.presets import preset_config, preset_tensors
+    from localmix.runtime.devices import parse_size
+    from localmix.runtime.memory import available_memory
+    from localmix.runtime.rpc import split_devices
+
+    cfg = preset_config(preset)
+    dims = ModelDims(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                     cfg.head_dim, cfg.vocab_size, cfg.intermediate_size, cfg.num_experts_per_tok if cfg.is_moe else 0)
+    workers = split_devices(rpc)
+    return split_plan([(t.name, t.n_bytes) for t in preset_tensors(preset, file_type)], dims, n_ctx,
+                      parse_size(ram) if ram else available_memory(), workers)
 
 
 def file_plan(path, n_ctx: int, gpu_budget: int | None, ram_budget: int | None = None, device: str = "gpu",
@@ -164,6 +280,14 @@ def file_plan(path, n_ctx: int, gpu_budget: int | None, ram_budget: int | None =
                 n_cpu_moe=n_cpu_moe)
 
 
+def split_file_plan(summary, n_ctx: int, ram_budget: int, workers: list[tuple[str, str, int]]) -> Plan:
+    """split_plan for a checked GGUF file (its `check_gguf` summary)."""
+    s = summary
+    dims = ModelDims(s.n_layer or 0, s.n_embd or 0, s.n_head or 0, s.n_head_kv or 0, s.head_dim or 0, s.n_vocab,
+                     s.n_ff or 0, s.n_expert_used)
+    return split_plan([(t.name, t.n_bytes) for t in s.tensors], dims, n_ctx, ram_budget, workers)
+
+
 def placement_line(p: Plan) -> str:
     """The plan in one line, for `/show` and `run --verbose`."""
     from localmix.units import human_bytes as h
@@ -171,6 +295,9 @@ def placement_line(p: Plan) -> str:
     sizes = f"weights {h(p.weights_bytes)}, KV cache {h(p.kv_bytes)}, compute ~{h(p.compute_bytes)}"
     if p.device == "cpu":
         return f"{sizes}; all on the CPU, weights " + ("repacked" if p.repack else "memory-mapped")
+    if p.shares:
+        return f"{sizes}; " + ", ".join(f"layers {s.first}-{s.first + s.n_layers - 1} on {s.device} ({s.where})"
+                                         for s in p.shares if s.n_layers)
     where = "Metal" if p.device == "metal" else "the GPU"
     if not p.cpu_expert_layers:
         return f"{sizes}; all on {where} ({h(p.gpu_bytes)} of {h(p.gpu_budget)})"
@@ -186,7 +313,10 @@ def describe(p: Plan) -> dict:
             "tensor_overrides": [{"pattern": pat, "buffer_type": buft} for pat, buft in p.overrides],
             "bytes": {"weights": p.weights_bytes, "kv_cache": p.kv_bytes, "compute": p.compute_bytes,
                       "gpu_total": p.gpu_bytes, "cpu_weights": p.cpu_bytes, "gpu_budget": p.gpu_budget,
-                      "gpu_headroom": p.headroom, "ram_budget": p.ram_budget}}
+                      "gpu_headroom": p.headroom, "ram_budget": p.ram_budget},
+            "split": [{"device": s.device, "where": s.where, "layers": [s.first, s.first + s.n_layers - 1],
+                       "n_layers": s.n_layers, "weights": s.weights_bytes, "kv_cache": s.kv_bytes,
+                       "compute": s.compute_bytes, "free": s.budget} for s in p.shares]}
 
 
 def weights_budget(d: ModelDims, n_ctx: int, gpu_budget: int) -> int:

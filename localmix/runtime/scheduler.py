@@ -155,6 +155,7 @@ class Scheduler:
         self.step = 0
         self._wake = threading.Condition()
         self._stop = False
+        self.abandoned = False  # `abandon` was called: the thread is stuck in llama.cpp
         self._thread = threading.Thread(target=self._loop, name="localmix-scheduler", daemon=True)
         self._thread.start()
 
@@ -179,6 +180,17 @@ class Scheduler:
         with self._wake:
             self._wake.notify()
 
+    def abandon(self, error: Exception) -> None:
+        """End every running and waiting job with `error`, from another thread, when the
+        scheduler thread cannot go on (an RPC worker lost in the middle of a decode): the slots
+        stay taken, and no job is admitted again."""
+        with self._wake:
+            self._stop = self.abandoned = True
+            jobs = [j for group in self.waiting for j in group] + [s.job for s in self.slots if s.job]
+            self.waiting.clear()
+        for job in jobs:
+            job.emit(error)
+
     @property
     def active(self) -> int:
         return sum(s.job is not None for s in self.slots)
@@ -189,6 +201,8 @@ class Scheduler:
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel what runs and waits, stop the thread, free llama.cpp's context."""
+        if self.abandoned:  # its thread will not come back (`abandon`)
+            return
         with self._wake:
             self._stop = True
             for job in [j for group in self.waiting for j in group] + [s.job for s in self.slots if s.job]:

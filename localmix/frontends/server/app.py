@@ -60,7 +60,8 @@ def build_app(state: State) -> FastAPI:
     @app.get("/health")
     async def health():
         if state.load_error:
-            return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
+            lost = {} if state.lost_workers is None else {"lost_workers": state.lost_workers}
+            return JSONResponse({"status": "error", "error": state.load_error, **lost}, status_code=503)
         if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ok", "model": state.options.model_name}

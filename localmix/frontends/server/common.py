@@ -47,6 +47,7 @@ class State:
     engine: LlamaCppEngine | None = None  # once loaded; the scheduler decodes on its model
     scheduler: Scheduler | None = None
     load_error: str | None = None
+    lost_workers: list[str] | None = None   # --rpc workers gone while serving: the model is unusable
     started: float = field(default_factory=time.time)
     http_requests: dict[tuple[str, int], int] = field(default_factory=dict)
 
@@ -55,7 +56,7 @@ class State:
         return self.scheduler is not None
 
     def require(self) -> Scheduler:
-        if self.scheduler is None:
+        if self.scheduler is None or self.lost_workers is not None:
             raise ApiError(503, self.load_error or "the model is still loading", kind="server_error",
                            headers={"Retry-After": str(self.options.retry_after)})
         return self.scheduler

@@ -40,11 +40,11 @@ def auto_parallel(path: Path, load: Load) -> tuple[int, Load]:
     by memory). Returns the number and `load` with that context."""
     from localmix.frontends.load import plan_engine
 
-    ctx, _, _ = plan_engine(path, load.ctx, load.force, load.vram, load.ram, load.n_cpu_moe)
+    ctx, _, _ = plan_engine(path, load.ctx, load.force, load.vram, load.ram, load.n_cpu_moe, rpc=load.rpc)
     load = dataclasses.replace(load, ctx=ctx)
     for n in AUTO_PARALLEL:
         try:
-            plan_engine(path, ctx, False, load.vram, load.ram, load.n_cpu_moe, sequences=n)
+            plan_engine(path, ctx, False, load.vram, load.ram, load.n_cpu_moe, sequences=n, rpc=load.rpc)
             return n, load
         except InputError:  # n KV caches of ctx tokens do not fit
             continue
@@ -79,7 +79,7 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
     if chosen:
         parallel, load = auto_parallel(path, load)
     # --parallel KV caches that do not fit: an error now
-    plan_engine(path, load.ctx, load.force, load.vram, load.ram, load.n_cpu_moe, sequences=parallel)
+    plan_engine(path, load.ctx, load.force, load.vram, load.ram, load.n_cpu_moe, sequences=parallel, rpc=load.rpc)
     try:  # a port in use is a clean error too
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -89,9 +89,11 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
 
     def load_model(state: State) -> None:
         from localmix.frontends.load import open_engine
+        from localmix.runtime.rpc import parse_endpoints
         from localmix.runtime.scheduler import Scheduler
 
-        engine = open_engine(path, load, sequences=parallel)
+        workers = parse_endpoints(load.rpc) if load.rpc else []
+        engine = open_engine(path, load, sequences=parallel, on_lost=lambda gone, message: lost(state, gone, workers))
         state.engine = engine
         state.scheduler = Scheduler(engine.llm, parallel=parallel, n_ctx=engine.n_ctx, queue_size=queue, chunk=chunk,
                                     release_engine_context=True)
@@ -127,3 +129,22 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
     while http.is_alive():
         http.join(0.5)
     announce("localmix stopped")
+    if state.lost_workers is not None:  # llama.cpp's threads wait on the lost worker forever: no exit handlers
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def lost(state: State, gone: list[str], workers: list[str]) -> None:
+    """An RPC worker stopped answering (runtime/rpc.py's `watch`): the requests in flight get a
+    503, /health says which worker, the server goes on answering until it is stopped. Lost while
+    loading (the main thread stuck in llama.cpp), the server ends with one line, as `run`."""
+    from localmix.frontends.server.common import ApiError
+    from localmix.runtime.rpc import exit_on_loss, lost_line
+
+    if state.scheduler is None:
+        exit_on_loss(gone, "")
+    state.lost_workers = gone or workers
+    state.load_error = lost_line(gone, workers) + ": restart localmix serve"
+    logging.getLogger("localmix.server").error(state.load_error)
+    state.scheduler.abandon(ApiError(503, state.load_error, kind="server_error", code="worker_lost"))
