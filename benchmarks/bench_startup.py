@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import write_report
+from report import show
 
 HELP_GOAL, RUN_EXTRA_GOAL = 0.25, 0.30
 
@@ -79,12 +79,7 @@ def main() -> None:
                      f"{'yes' if extra < RUN_EXTRA_GOAL else 'no'}"])
     header = ["command", "seconds (best)", "llama-cpp-python (best)", "against the goal"]
     caption = f"best of {args.repeat} fresh processes, the three commands in turn; {model.name if args.model else 'the demo model'}, {args.tokens} tokens"
-    print(caption)
-    print(" | ".join(header))
-    for row in rows:
-        print(" | ".join(row))
-    if args.report:
-        write_report(args.report, [(caption, header, rows)])
+    show(caption, header, rows, args.report)
 
 
 if __name__ == "__main__":

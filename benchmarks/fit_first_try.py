@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from gguf import GGUFReader
 from llama_quantize import llama_model_quantize
-from report import write_report
+from report import show
 
 from localmix.convert.imatrix import load_imatrix
 from localmix.convert.pipeline import convert
@@ -124,12 +124,7 @@ def main() -> None:
     header = ["model", "bits per weight", "fit time", "peak memory", "budget", "file", "within", "tensor types", "i-quant tensors",
               "llama_model_quantize same bytes"]
     caption = "`quantize --fit SIZE --text GPL-3`, no --imatrix; SIZE at the bits per weight shown"
-    print(caption)
-    print(" | ".join(header))
-    for row in rows:
-        print(" | ".join(row))
-    if args.report:
-        write_report(args.report, [(caption, header, rows)])
+    show(caption, header, rows, args.report)
     if any("**no**" in row for row in rows):
         sys.exit(1)
 

@@ -55,6 +55,18 @@ def write_report(path: Path | str, tables: list[tuple[str, list[str], list[list]
     return path
 
 
+def show(caption: str, header: list[str], rows: list[list], report: Path | str | None = None) -> None:
+    """Print one table (its caption, then a line per row, cells split by " | "), and write it
+    to `report` with write_report when one is given (a script's --report)."""
+    if caption:
+        print(caption)
+    print(" | ".join(header))
+    for row in rows:
+        print(" | ".join(str(cell) for cell in row))
+    if report:
+        write_report(report, [(caption, header, rows)])
+
+
 def command_line() -> str:
     """How this process was started, as a shell line: the settings of ENV that are set, `nice`
     when it runs niced, then `python` and its arguments."""
