@@ -209,11 +209,21 @@ def run_localmix(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           cwd=REPO, timeout=600, **kwargs)
 
 
+# localmix's engine runs with --flash-attn auto, llama.cpp's default, which the CPU backend
+# resolves to on ("Flash Attention enabled" in llama.cpp's log); llama-cpp-python's `Llama` can
+# only say on or off, and its default is off. A reference that stands for localmix's engine (the
+# same file, KV cache type and settings: its logits and greedy tokens must be the engine's)
+# passes flash_attn=ENGINE_FLASH_ATTN.
+ENGINE_FLASH_ATTN = True
+
+
 def load_llama(path: Path, n_ctx: int = 1024, **kwargs):
     """llama.cpp (through llama-cpp-python) as the independent reader of our files.
 
     The KV cache is float32 (llama.cpp's default is float16, which alone moves logits by
-    ~1e-2): what is measured is the file, not the cache.
+    ~1e-2): what is measured is the file, not the cache. Flash attention is off (`Llama`'s
+    default): attention as transformers computes it, the whole score matrix then softmax;
+    `flash_attn=ENGINE_FLASH_ATTN` where the reference must be localmix's engine.
     """
     from llama_cpp import GGML_TYPE_F32, Llama
 

@@ -94,3 +94,28 @@ def test_server_memory_counts_every_sequence_and_holds_one_context(engine, conve
         assert wait(q).text == [e for e in engine.generate(tokens, GREEDY)][-1].text
     finally:
         s.close()
+
+
+def test_flash_attention_follows_llama_cpp_and_the_scheduler_follows_the_engine(engine, converted):
+    """--flash-attn auto (the default, llama.cpp's) reaches llama.cpp as AUTO, which the CPU runs
+    as on: the same tokens as on. The scheduler's context copies the engine's setting, so a
+    greedy reply of `serve` equals `run`'s under each setting."""
+    import llama_cpp
+
+    path = converted("mixtral", "Q8_0")
+    assert engine.llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+    tokens = conversation_tokens(engine, [{"role": "user", "content": "Tell me about experts"}])
+    on = open_engine(path, ctx=1024, flash_attn="on")
+    assert on.llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    assert [e for e in on.generate(tokens, GREEDY)][-1].text == [e for e in engine.generate(tokens, GREEDY)][-1].text
+    del on
+    off = open_engine(path, ctx=1024, flash_attn="off")
+    assert off.llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    direct = [e for e in off.generate(tokens, GREEDY)][-1].text
+    s = Scheduler(off.llm, parallel=2, n_ctx=1024)
+    try:
+        q = queue.Queue()
+        s.submit(Job(tokens, GREEDY, q.put))
+        assert wait(q).text == direct
+    finally:
+        s.close()
