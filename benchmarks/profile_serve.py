@@ -11,6 +11,7 @@ a profiler's per-call overhead), which split its thread's time into: `llama_deco
 `--cprofile` the scheduler thread also runs under cProfile and its top functions are printed.
 
     python benchmarks/profile_serve.py [--model FILE.gguf] [--clients 8,16] [--parallel 8] [--threads 2]
+                                       [--flash-attn on|off|auto]
 """
 
 from __future__ import annotations
@@ -124,13 +125,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after the other")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--flash-attn", default="auto", choices=("on", "off", "auto"),
+                    help="llama.cpp's flash attention, as serve's --flash-attn (default: auto)")
     ap.add_argument("--cprofile", action="store_true", help="also print cProfile's top functions (slows Python)")
     ap.add_argument("--report", type=Path, help="also write the table to this Markdown file (benchmarks/report.py)")
     args = ap.parse_args()
     model = args.model or tiny_model(Path(tempfile.mkdtemp(prefix="profile-serve-")))
     if args.threads < len(os.sched_getaffinity(0)):  # localmix uses the CPUs it may run on, as serve does
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
-    engine = open_engine(model, ctx=1024)
+    engine = open_engine(model, ctx=1024, flash_attn=args.flash_attn)
     header = ["clients", "tok/s", "steps", "ms/step", "decode", "sampling", "token events", "batch + rest",
               "admit", "idle"]
     rows = []

@@ -209,11 +209,20 @@ def run_localmix(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           cwd=REPO, timeout=600, **kwargs)
 
 
+# localmix's engine runs with --flash-attn off by default (llama.cpp's own default is auto, which
+# the CPU backend resolves to on; localmix keeps a reply's numbers independent of the batch).
+# A reference that stands for localmix's engine (the same file, KV cache type and settings: its
+# logits and greedy tokens must be the engine's) passes flash_attn=ENGINE_FLASH_ATTN.
+ENGINE_FLASH_ATTN = False
+
+
 def load_llama(path: Path, n_ctx: int = 1024, **kwargs):
     """llama.cpp (through llama-cpp-python) as the independent reader of our files.
 
     The KV cache is float32 (llama.cpp's default is float16, which alone moves logits by
-    ~1e-2): what is measured is the file, not the cache.
+    ~1e-2): what is measured is the file, not the cache. Flash attention is off (`Llama`'s
+    default): attention as transformers computes it, the whole score matrix then softmax;
+    `flash_attn=ENGINE_FLASH_ATTN` where the reference must be localmix's engine.
     """
     from llama_cpp import GGML_TYPE_F32, Llama
 

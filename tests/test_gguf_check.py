@@ -244,10 +244,15 @@ def test_the_estimate_grows_linearly_with_the_context(summary):
 
 def test_the_compute_allowance_covers_what_llama_cpp_allocates(summary):
     # "CPU compute buffer size" from llama-cpp-python 0.3.36 for this model (n_ubatch 512,
-    # no flash attention), in MiB.
+    # flash attention off), in MiB.
     for n_ctx, mib in ((512, 63.502), (4096, 74.760), (16384, 290.760)):
         allowance = estimate_memory(summary, n_ctx).compute_bytes / 2**20
         assert mib <= allowance <= 1.1 * mib, (n_ctx, allowance)
+    # with flash attention (--flash-attn auto or on, on the CPU) there are no attention scores:
+    # 63.502 MiB at every length
+    for n_ctx in (512, 4096, 16384):
+        allowance = estimate_memory(summary, n_ctx, flash_attn=True).compute_bytes / 2**20
+        assert 63.502 <= allowance <= 1.1 * 63.502, (n_ctx, allowance)
 
 
 def test_check_fits_suggests_the_largest_context_that_fits(summary):

@@ -140,6 +140,20 @@ def test_nothing_fits_says_what_would():
     assert not p.fits and "--ctx" in p.advice and "smaller quant" in p.advice
 
 
+def test_flash_attention_drops_the_attention_scores_where_it_is_sure_to_be_on():
+    # Mixtral 8x7B at 32K: without flash attention a micro-batch of 512 tokens holds 32 heads'
+    # scores and the mask, 4 * 512 * (33 * 32768 + 8 * 4096) bytes; with it the widest step is
+    # the experts' gate, up and product, 4 * 512 * (3 * 14336 * 2 + 9 * 4096)
+    off, auto, on = (preset_plan("mixtral-8x7b", "Q4_K_M", 32768, None, 64 * GiB, flash_attn=fa)
+                     for fa in ("off", "auto", "on"))
+    assert off.compute_bytes == 4 * 512 * (33 * 32768 + 8 * 4096)
+    assert auto.compute_bytes == on.compute_bytes == 4 * 512 * (3 * 14336 * 2 + 9 * 4096)
+    # on a GPU, auto may resolve to off (a backend without the kernel): the plan keeps the scores
+    gpu = {fa: preset_plan("mixtral-8x7b", "Q4_K_M", 32768, RTX_3090, 64 * GiB, flash_attn=fa).compute_bytes
+           for fa in ("off", "auto", "on")}
+    assert gpu["auto"] == gpu["off"] == off.compute_bytes > gpu["on"] == on.compute_bytes
+
+
 def test_plan_command(converted):
     import json
 
@@ -152,5 +166,8 @@ def test_plan_command(converted):
     assert out["bytes"]["gpu_total"] <= 24 * GiB and out["tensor_overrides"][0]["buffer_type"] == "CPU"
     text = run_localmix("plan", converted("mixtral", "Q8_0"), "--ram", "16GiB")
     assert text.returncode == 0 and "fits" in text.stdout
+    fa = {setting: json.loads(run_localmix("plan", "mixtral-8x7b:Q4_K_M", "--vram", "24GiB", "--ctx", "32768", "--json",
+                                           "--flash-attn", setting).stdout)["bytes"]["compute"] for setting in ("on", "off")}
+    assert fa["on"] < fa["off"]
     bad = run_localmix("plan", "mixtral-8x7b:Q4_K_M", "--vram", "lots")
     assert bad.returncode == 2 and "size" in bad.stderr and "Traceback" not in bad.stderr

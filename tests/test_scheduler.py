@@ -94,3 +94,28 @@ def test_server_memory_counts_every_sequence_and_holds_one_context(engine, conve
         assert wait(q).text == [e for e in engine.generate(tokens, GREEDY)][-1].text
     finally:
         s.close()
+
+
+def test_flash_attention_reaches_llama_cpp_and_the_scheduler_follows_the_engine(engine, converted):
+    """--flash-attn off (the default: a greedy reply of `serve` is `run`'s whatever else the
+    batch holds) reaches llama.cpp as DISABLED; auto as AUTO, which the CPU runs as on (the same
+    tokens as on). The scheduler's context copies the engine's setting."""
+    import llama_cpp
+
+    path = converted("mixtral", "Q8_0")
+    assert engine.llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    tokens = conversation_tokens(engine, [{"role": "user", "content": "Tell me about experts"}])
+    on = open_engine(path, ctx=1024, flash_attn="on")
+    assert on.llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    on_text = [e for e in on.generate(tokens, GREEDY)][-1].text
+    del on
+    auto = open_engine(path, ctx=1024, flash_attn="auto")
+    assert auto.llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+    assert [e for e in auto.generate(tokens, GREEDY)][-1].text == on_text
+    s = Scheduler(auto.llm, parallel=2, n_ctx=1024)
+    try:
+        q = queue.Queue()
+        s.submit(Job(tokens, GREEDY, q.put))
+        assert wait(q).text == on_text
+    finally:
+        s.close()

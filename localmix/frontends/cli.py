@@ -161,12 +161,14 @@ def rm(spec: str = typer.Argument(..., help="REPO or REPO:QUANT_OR_FILE, as `loc
 
 
 @app.command()
-@options(load=LOAD.only("ctx", "vram", "ram", "n_cpu_moe", "rpc").but(
+@options(load=LOAD.only("ctx", "vram", "ram", "n_cpu_moe", "rpc", "flash_attn").but(
     ctx=8192, help_ctx="Context length to plan for.", help_ram="RAM to plan for \\[default: what is available now].",
     help_vram="GPU memory to plan for, e.g. 24GiB \\[default: what llama.cpp's devices report].",
     help_n_cpu_moe="Keep the experts of the first N layers on the CPU.",
     help_rpc="Plan a split across this machine and `localmix worker`s at HOST:PORT\\[,HOST:PORT...] (asks them "
-             "their memory; loads nothing)."))
+             "their memory; loads nothing).",
+    help_flash_attn="Flash attention as run will have it: on, off, or auto (on for the CPU; on a GPU the plan "
+    "counts the attention scores, as if off)."))
 def plan(
     model: str = typer.Argument(..., help="A GGUF file, a pulled name, or a preset and type such as mixtral-8x7b:Q4_K_M "
                                 "(presets: mixtral-8x7b, mixtral-8x22b, mistral-7b)."),
@@ -199,9 +201,10 @@ def plan(
     device, budget, ram_bytes = machine(load.vram, load.ram, metal)
     if name in PRESETS:
         p = preset_plan(name, (file_type or "Q4_K_M").upper(), load.ctx, budget, ram_bytes, device=device,
-                        n_cpu_moe=load.n_cpu_moe)
+                        n_cpu_moe=load.n_cpu_moe, flash_attn=load.flash_attn)
     else:
-        p = file_plan(model_path(model), load.ctx, budget, ram_bytes, device=device, n_cpu_moe=load.n_cpu_moe)
+        p = file_plan(model_path(model), load.ctx, budget, ram_bytes, device=device, n_cpu_moe=load.n_cpu_moe,
+                      flash_attn=load.flash_attn)
     if as_json:
         print(json.dumps(describe(p), indent=2))
     else:

@@ -14,7 +14,14 @@ from localmix.gguf.check import check_gguf
 from localmix.runtime.devices import machine, parse_size
 from localmix.runtime.engine import Engine
 from localmix.runtime.llama import LlamaCppEngine
-from localmix.runtime.memory import FIT_SLACK, available_memory, check_fits, estimate_memory, largest_fitting_ctx
+from localmix.runtime.memory import (
+    FIT_SLACK,
+    available_memory,
+    check_fits,
+    estimate_memory,
+    flash_attn_counted,
+    largest_fitting_ctx,
+)
 from localmix.runtime.planner import file_plan
 from localmix.units import human_bytes
 
@@ -33,9 +40,12 @@ def open_engine(path: str | Path, load: Load | None = None, sequences: int = 1, 
     the CPU, its KV cache float32. `sequences`: how many KV caches of `ctx` tokens the caller
     will hold (a server's --parallel); the memory check counts them all. `rpc` ("host:port,...")
     splits the layers across this machine and those workers (runtime/rpc.py); a worker lost
-    later calls `on_lost(gone, message)` (default: one line and exit 1, see `rpc.watch`)."""
+    later calls `on_lost(gone, message)` (default: one line and exit 1, see `rpc.watch`).
+    `flash_attn` (on, off, auto: on where the backend has it) is the context's; the estimate
+    counts the attention scores only where it may be off (memory.flash_attn_counted)."""
     o = dataclasses.replace(load or Load(), **fields)
-    ctx, plan, _ = plan_engine(path, o.ctx, o.force, o.vram, o.ram, o.n_cpu_moe, o.engine, sequences, o.rpc)
+    ctx, plan, _ = plan_engine(path, o.ctx, o.force, o.vram, o.ram, o.n_cpu_moe, o.engine, sequences, o.rpc,
+                               o.flash_attn)
     if o.rpc:
         from localmix.runtime.rpc import parse_endpoints, watch
 
@@ -47,12 +57,13 @@ def open_engine(path: str | Path, load: Load | None = None, sequences: int = 1, 
         return NativeEngine(path, n_ctx=ctx, verbose=o.verbose, plan=plan)
     if o.repack is not None:
         plan.repack = o.repack
-    return LlamaCppEngine(path, n_ctx=ctx, verbose=o.verbose, plan=plan, n_gpu_layers=o.gpu_layers, repack=plan.repack)
+    return LlamaCppEngine(path, n_ctx=ctx, verbose=o.verbose, plan=plan, n_gpu_layers=o.gpu_layers, repack=plan.repack,
+                          flash_attn=o.flash_attn)
 
 
 def plan_engine(path: str | Path, ctx: int | None = None, force: bool = False, vram: str | None = None,
                 ram: str | None = None, n_cpu_moe: int | None = None, engine: str = "llama.cpp", sequences: int = 1,
-                rpc: str | None = None):
+                rpc: str | None = None, flash_attn: str = "off"):
     """open_engine's checks without the loading: (context per sequence, placement plan, device).
     A model that does not fit with `sequences` KV caches of the context is an InputError."""
     if engine not in ("llama.cpp", "native"):
@@ -66,15 +77,16 @@ def plan_engine(path: str | Path, ctx: int | None = None, force: bool = False, v
         device, gpu_budget, ram_budget = machine(vram, ram)
     if device == "cpu":
         kv_bytes = 4 if engine == "native" else 2
-        estimate = estimate_memory(summary, (ctx or summary.context_length or 4096) * sequences, kv_bytes)
+        fa = engine != "native" and flash_attn_counted(flash_attn, "cpu")  # the native engine forms the scores
+        estimate = estimate_memory(summary, (ctx or summary.context_length or 4096) * sequences, kv_bytes, flash_attn=fa)
         if ctx is None and estimate.total_bytes > ram_budget:
             fitting = (largest_fitting_ctx(estimate, ram_budget) or 0) // sequences // 256 * 256
             if fitting:
-                estimate = estimate_memory(summary, fitting * sequences, kv_bytes)
+                estimate = estimate_memory(summary, fitting * sequences, kv_bytes, flash_attn=fa)
         ctx = estimate.n_ctx // sequences
         if sequences > 1:  # KV caches for every token of every sequence; attention spans one sequence's
             # cache, over the server's batches of 128 tokens a sequence (scheduler.py's chunk)
-            one = estimate_memory(summary, ctx, kv_bytes, n_ubatch=128 * sequences)
+            one = estimate_memory(summary, ctx, kv_bytes, n_ubatch=128 * sequences, flash_attn=fa)
             estimate = dataclasses.replace(estimate, compute_bytes=one.compute_bytes)
         if sequences == 1:
             check_fits(estimate, ram_budget, force)
@@ -85,11 +97,12 @@ def plan_engine(path: str | Path, ctx: int | None = None, force: bool = False, v
                              f"compute {human_bytes(estimate.compute_bytes)}) but "
                              f"{human_bytes(max(ram_budget, 0))} of memory is available; lower --parallel or --ctx, "
                              "or pass --force")
-        return ctx, file_plan(path, ctx * sequences, None, ram_budget, summary=summary), device
+        return ctx, file_plan(path, ctx * sequences, None, ram_budget, summary=summary, flash_attn=flash_attn), device
     own = summary.context_length or 4096
     tries = [ctx] if ctx else [own] + [c for c in (16384, 8192, 4096, 2048) if c < own]
     for ctx in tries:
-        plan = file_plan(path, ctx * sequences, gpu_budget, ram_budget, device, n_cpu_moe, summary=summary)
+        plan = file_plan(path, ctx * sequences, gpu_budget, ram_budget, device, n_cpu_moe, summary=summary,
+                         flash_attn=flash_attn)
         if plan.fits:
             break
     if not plan.fits and not force:

@@ -15,6 +15,7 @@ module imports nothing heavy: `localmix --help` reads it.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import inspect
 from dataclasses import dataclass
@@ -23,6 +24,13 @@ from typing import Any, Optional
 import typer
 
 from localmix.runtime.stream import Sampling
+
+
+class FlashAttn(str, enum.Enum):
+    """--flash-attn's choices (llama.cpp's `-fa on|off|auto`)."""
+    on = "on"
+    off = "off"
+    auto = "auto"
 
 
 @dataclass
@@ -36,6 +44,7 @@ class Load:
     n_cpu_moe: int | None = None        # the experts of the first N layers on the CPU; None: the plan's
     gpu_layers: int | None = None       # llama.cpp's n_gpu_layers; None: the plan's
     repack: bool | None = None          # llama.cpp's repacked CPU layouts; None: the plan's choice
+    flash_attn: str = "off"             # llama.cpp's flash attention: off, on, or auto (where the backend has it)
     engine: str = "llama.cpp"           # or "native"
     rpc: str | None = None              # workers "host:port,host:port" (localmix worker) to split across
 
@@ -82,6 +91,7 @@ class Group:
         """The dataclass from the parsed flags (a list becomes the field's tuple); a field the
         command does not take keeps this group's default."""
         given = {n: tuple(values.pop(n) or ()) if self.flags[n].type == list[str] else values.pop(n) for n in self.flags}
+        given = {n: v.value if isinstance(v, enum.Enum) else v for n, v in given.items()}  # a choice: its text
         rest = {n: v for n, v in self.defaults.items() if n not in given}
         return self.cls(**rest, **given)
 
@@ -100,6 +110,9 @@ LOAD = Group(Load, {
     "repack": Flag(("--repack/--no-repack",), "Let llama.cpp copy CPU weights into its repacked layouts: faster "
                    "products, but read in full at load and resident instead of mapped \\[default: when RAM holds the "
                    "file and the copy].", Optional[bool]),
+    "flash_attn": Flag(("--flash-attn", "-fa"), "llama.cpp's flash attention: off, on, or auto (on where the "
+                       "backend supports it: the CPU does). On is faster at several sequences, but then a reply's "
+                       "numbers depend on what else the batch holds.", FlashAttn),
     "engine": Flag(("--engine",), "llama.cpp, or native: localmix's own numpy forward (CPU).", str),
     "verbose": Flag(("--verbose", "-v"), "Show llama.cpp's log.", bool),
     "rpc": Flag(("--rpc",), "Split the layers across this machine and `localmix worker`s at HOST:PORT\\[,HOST:PORT...], "

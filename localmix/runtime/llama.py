@@ -73,14 +73,17 @@ class Handles:
 class LlamaCppEngine:
     """llama.cpp through llama-cpp-python, the GGUF memory-mapped (the `Engine` of engine.py).
     The KV cache is kept between calls: a prompt that extends the previous one evaluates only
-    the new tokens. `llm` is the llama_cpp.Llama, for the batching scheduler (scheduler.py)."""
+    the new tokens. `flash_attn`: "auto" (llama.cpp's default: on where the backend has it, the
+    CPU's does), "on" or "off"; the scheduler's context copies it. `llm` is the llama_cpp.Llama,
+    for the batching scheduler (scheduler.py)."""
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None, verbose: bool = False,
-                 plan: Plan | None = None, n_gpu_layers: int | None = None, repack: bool = False, **llama_kwargs):
+                 plan: Plan | None = None, n_gpu_layers: int | None = None, repack: bool = False,
+                 flash_attn: str = "off", **llama_kwargs):
         self.path, self.plan = Path(path), plan
         set_llama_log(verbose)
         try:
-            self.llm = load_llama(str(self.path), plan, n_gpu_layers, repack, n_ctx=n_ctx or 0, n_batch=512,
+            self.llm = load_llama(str(self.path), plan, n_gpu_layers, repack, flash_attn, n_ctx=n_ctx or 0, n_batch=512,
                                   use_mmap=True, n_threads=n_threads or usable_cpus(), verbose=verbose, **llama_kwargs)
         except LocalmixError:
             raise

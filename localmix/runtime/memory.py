@@ -27,13 +27,15 @@ class MemoryEstimate:
     weights_bytes: int
     kv_bytes: int
     compute_bytes: int
+    flash_attn: bool = False
 
     @property
     def total_bytes(self) -> int:
         return self.weights_bytes + self.kv_bytes + self.compute_bytes
 
 
-def estimate_memory(summary: GGUFSummary, n_ctx: int, kv_type_bytes: float = 2, n_ubatch: int = 512) -> MemoryEstimate:
+def estimate_memory(summary: GGUFSummary, n_ctx: int, kv_type_bytes: float = 2, n_ubatch: int = 512,
+                    flash_attn: bool = False) -> MemoryEstimate:
     """The memory llama.cpp needs resident to run `summary`'s model at `n_ctx` tokens on the CPU.
 
     weights  the tensors' bytes: llama.cpp maps the file and uses the tensors in place.
@@ -44,14 +46,19 @@ def estimate_memory(summary: GGUFSummary, n_ctx: int, kv_type_bytes: float = 2, 
     compute  llama.cpp's CPU compute buffer holds the activations of one micro-batch of
              n_ubatch = min(n_ctx, 512) tokens, f32, and reuses memory between steps, so its
              size is set by the widest step: the output logits (n_vocab per token), the
-             attention scores plus mask ((n_head + 1) * n_ctx per token, without flash
-             attention; with it this term vanishes, so this is an upper bound), or the gate,
-             up and product of the active experts (3 * n_ff * n_expert_used per token), plus a
-             few residual-stream rows (8 * n_embd per token):
+             gate, up and product of the active experts (3 * n_ff * n_expert_used per token),
+             and, without flash attention (`flash_attn=False`), the attention scores plus mask
+             ((n_head + 1) * n_ctx per token), plus a few residual-stream rows (8 * n_embd per
+             token):
                  4 * n_ubatch * (max(n_vocab, (n_head + 1) * n_ctx, 3 * n_ff * used) + 8 * n_embd)
              llama.cpp (llama-cpp-python 0.3.36) reports 63.5, 74.8 and 290.8 MiB for the tiny
              test Mixtral at n_ctx 512, 4096 and 16384, where this gives 66.5, 76.0 and
              292.0 MiB; for Mixtral 8x7B at 4096 it gives 328 MiB, next to 25-50 GB of weights.
+             With flash attention llama.cpp never forms the scores: its kernel walks the KV
+             cache a block at a time, so only the f16 mask remains (2 bytes per token and
+             position: n_ctx / 2 in f32 units), and llama.cpp reports 63.5 MiB for the tiny
+             Mixtral at all three lengths; one more row of n_embd per token is counted for
+             the kernel's output beside the residual stream (9 * n_embd), which gives 63.6.
     """
     if n_ctx < 1:
         raise InputError(f"the context length must be at least 1 token, not {n_ctx}")
@@ -62,17 +69,29 @@ def estimate_memory(summary: GGUFSummary, n_ctx: int, kv_type_bytes: float = 2, 
     s = summary
     kv = round(s.n_layer * n_ctx * s.n_head_kv * (s.head_dim + s.head_dim_v) * kv_type_bytes)
     ub = min(n_ctx, n_ubatch)
-    widest = max(s.n_vocab, (s.n_head + 1) * n_ctx, 3 * (s.n_ff or 0) * max(s.n_expert_used, 1))
-    compute = 4 * ub * (widest + 8 * s.n_embd)
+    attention = n_ctx // 2 if flash_attn else (s.n_head + 1) * n_ctx
+    widest = max(s.n_vocab, attention, 3 * (s.n_ff or 0) * max(s.n_expert_used, 1))
+    compute = 4 * ub * (widest + (9 if flash_attn else 8) * s.n_embd)
     return MemoryEstimate(summary=s, n_ctx=n_ctx, kv_type_bytes=kv_type_bytes, n_ubatch=n_ubatch,
-                          weights_bytes=s.tensor_bytes, kv_bytes=kv, compute_bytes=compute)
+                          weights_bytes=s.tensor_bytes, kv_bytes=kv, compute_bytes=compute, flash_attn=flash_attn)
+
+
+def flash_attn_counted(setting: str, device: str = "cpu") -> bool:
+    """Whether the estimate may count on flash attention for --flash-attn `setting` ("on", "off",
+    "auto") on `device` ("cpu", "gpu", "metal"). "auto" is llama.cpp's choice at load: on where
+    the backend runs its flash attention op for the model's layers. The CPU backend always does
+    (llama.cpp logs "Flash Attention enabled"); a GPU backend may not (a head size it has no
+    kernel for, a KV cache on another device), so there the estimate keeps the scores, an upper
+    bound."""
+    return setting == "on" or (setting == "auto" and device == "cpu")
 
 
 def largest_fitting_ctx(estimate: MemoryEstimate, available_bytes: int) -> int | None:
     """The largest context below `estimate.n_ctx`, rounded down to a multiple of 256, whose
     estimate fits in `available_bytes`; None if not even MIN_SUGGESTED_CTX fits."""
     def fits(n: int) -> bool:
-        return estimate_memory(estimate.summary, n, estimate.kv_type_bytes, estimate.n_ubatch).total_bytes <= available_bytes
+        e = estimate_memory(estimate.summary, n, estimate.kv_type_bytes, estimate.n_ubatch, estimate.flash_attn)
+        return e.total_bytes <= available_bytes
 
     lo, hi = 0, estimate.n_ctx - 1   # the estimate grows with n_ctx: bisect for the last that fits
     while lo < hi:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from localmix.runtime.memory import flash_attn_counted
+
 GiB = 1 << 30
 EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.")
 HEADROOM = 512 << 20      # the GPU runtime's own allocations, fragmentation, display
@@ -109,20 +111,25 @@ def kv_cache_bytes(d: ModelDims, n_ctx: int, kv_type: str = "f16") -> int:
     return int(2 * d.n_layer * n_ctx * d.n_head_kv * d.head_dim * KV_BYTES[kv_type])
 
 
-def compute_bytes(d: ModelDims, n_ctx: int, n_ubatch: int = 512) -> int:
-    """llama.cpp's compute buffer: its widest step over a micro-batch (see memory.estimate_memory)."""
+def compute_bytes(d: ModelDims, n_ctx: int, n_ubatch: int = 512, flash_attn: bool = False) -> int:
+    """llama.cpp's compute buffer: its widest step over a micro-batch (see memory.estimate_memory;
+    with flash attention no attention scores, only the f16 mask)."""
     ub = min(n_ctx, n_ubatch)
-    widest = max(d.n_vocab, (d.n_head + 1) * n_ctx, 3 * d.n_ff * max(d.n_expert_used, 1))
-    return 4 * ub * (widest + 8 * d.n_embd)
+    attention = n_ctx // 2 if flash_attn else (d.n_head + 1) * n_ctx
+    widest = max(d.n_vocab, attention, 3 * d.n_ff * max(d.n_expert_used, 1))
+    return 4 * ub * (widest + (9 if flash_attn else 8) * d.n_embd)
 
 
 def plan(tensors: list[tuple[str, int]], dims: ModelDims, n_ctx: int, gpu_budget: int | None,
          ram_budget: int | None = None, kv_type: str = "f16", device: str = "gpu",
-         n_cpu_moe: int | None = None) -> Plan:
+         n_cpu_moe: int | None = None, flash_attn: str = "off") -> Plan:
     """`n_cpu_moe` fixes the number of layers whose experts stay on the CPU (the user knows
-    better); otherwise as few as fit the budget."""
+    better); otherwise as few as fit the budget. `flash_attn` is --flash-attn (on, off, auto):
+    the compute buffer counts the attention scores unless flash attention is sure to be on
+    (memory.flash_attn_counted)."""
+    fa = flash_attn_counted(flash_attn, "cpu" if gpu_budget is None else device)
     weights = sum(n for _, n in tensors)
-    kv, compute = kv_cache_bytes(dims, n_ctx, kv_type), compute_bytes(dims, n_ctx)
+    kv, compute = kv_cache_bytes(dims, n_ctx, kv_type), compute_bytes(dims, n_ctx, flash_attn=fa)
     experts: dict[int, int] = {}
     for name, n in tensors:
         m = EXPERT.match(name)
@@ -148,7 +155,7 @@ def plan(tensors: list[tuple[str, int]], dims: ModelDims, n_ctx: int, gpu_budget
     if fixed > gpu_budget or not experts:
         p = Plan(device, n_ctx, weights, kv, compute, 0, weights, gpu_budget, ram_budget, 0, fits=False)
         smaller = [c for c in (16384, 8192, 4096, 2048) if c < n_ctx and
-                   base + kv_cache_bytes(dims, c, kv_type) + compute_bytes(dims, c) + HEADROOM <= gpu_budget]
+                   base + kv_cache_bytes(dims, c, kv_type) + compute_bytes(dims, c, flash_attn=fa) + HEADROOM <= gpu_budget]
         p.advice = ("the attention weights and KV cache alone do not fit the GPU: "
                     + (f"use --ctx {smaller[0]} or less, " if smaller else "") + "a smaller quant, or run on the CPU")
         return p
@@ -241,7 +248,7 @@ def split_plan(tensors: list[tuple[str, int]], dims: ModelDims, n_ctx: int, ram_
 
 
 def preset_plan(preset: str, file_type: str, n_ctx: int, gpu_budget: int | None, ram_budget: int | None = None,
-                device: str = "gpu", n_cpu_moe: int | None = None) -> Plan:
+                device: str = "gpu", n_cpu_moe: int | None = None, flash_attn: str = "off") -> Plan:
     """Plan for a preset model (localmix.convert.presets), with no file at hand."""
     from localmix.convert.presets import preset_config, preset_tensors
 
@@ -249,7 +256,7 @@ def preset_plan(preset: str, file_type: str, n_ctx: int, gpu_budget: int | None,
     dims = ModelDims(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                      cfg.head_dim, cfg.vocab_size, cfg.intermediate_size, cfg.num_experts_per_tok if cfg.is_moe else 0)
     tensors = [(t.name, t.n_bytes) for t in preset_tensors(preset, file_type)]
-    return plan(tensors, dims, n_ctx, gpu_budget, ram_budget, device=device, n_cpu_moe=n_cpu_moe)
+    return plan(tensors, dims, n_ctx, gpu_budget, ram_budget, device=device, n_cpu_moe=n_cpu_moe, flash_attn=flash_attn)
 
 
 def split_preset_plan(preset: str, file_type: str, n_ctx: int, ram: str | None, rpc: str) -> Plan:
@@ -268,7 +275,7 @@ def split_preset_plan(preset: str, file_type: str, n_ctx: int, ram: str | None, 
 
 
 def file_plan(path, n_ctx: int, gpu_budget: int | None, ram_budget: int | None = None, device: str = "gpu",
-              n_cpu_moe: int | None = None, summary=None) -> Plan:
+              n_cpu_moe: int | None = None, summary=None, flash_attn: str = "off") -> Plan:
     """Plan for a GGUF file, from its tensor table alone (the weights are not read); `summary`
     is the file's `check_gguf` when the caller has checked it already."""
     from localmix.gguf.check import check_gguf
@@ -277,7 +284,7 @@ def file_plan(path, n_ctx: int, gpu_budget: int | None, ram_budget: int | None =
     dims = ModelDims(s.n_layer or 0, s.n_embd or 0, s.n_head or 0, s.n_head_kv or 0, s.head_dim or 0, s.n_vocab,
                      s.n_ff or 0, s.n_expert_used)
     return plan([(t.name, t.n_bytes) for t in s.tensors], dims, n_ctx, gpu_budget, ram_budget, device=device,
-                n_cpu_moe=n_cpu_moe)
+                n_cpu_moe=n_cpu_moe, flash_attn=flash_attn)
 
 
 def split_file_plan(summary, n_ctx: int, ram_budget: int, workers: list[tuple[str, str, int]]) -> Plan:

@@ -40,11 +40,13 @@ def auto_parallel(path: Path, load: Load) -> tuple[int, Load]:
     by memory). Returns the number and `load` with that context."""
     from localmix.frontends.load import plan_engine
 
-    ctx, _, _ = plan_engine(path, load.ctx, load.force, load.vram, load.ram, load.n_cpu_moe, rpc=load.rpc)
+    ctx, _, _ = plan_engine(path, load.ctx, load.force, load.vram, load.ram, load.n_cpu_moe, rpc=load.rpc,
+                            flash_attn=load.flash_attn)
     load = dataclasses.replace(load, ctx=ctx)
     for n in AUTO_PARALLEL:
         try:
-            plan_engine(path, ctx, False, load.vram, load.ram, load.n_cpu_moe, sequences=n, rpc=load.rpc)
+            plan_engine(path, ctx, False, load.vram, load.ram, load.n_cpu_moe, sequences=n, rpc=load.rpc,
+                        flash_attn=load.flash_attn)
             return n, load
         except InputError:  # n KV caches of ctx tokens do not fit
             continue
@@ -79,7 +81,8 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
     if chosen:
         parallel, load = auto_parallel(path, load)
     # --parallel KV caches that do not fit: an error now
-    plan_engine(path, load.ctx, load.force, load.vram, load.ram, load.n_cpu_moe, sequences=parallel, rpc=load.rpc)
+    plan_engine(path, load.ctx, load.force, load.vram, load.ram, load.n_cpu_moe, sequences=parallel, rpc=load.rpc,
+                flash_attn=load.flash_attn)
     try:  # a port in use is a clean error too
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
