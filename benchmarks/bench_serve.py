@@ -121,7 +121,8 @@ def servers_for(peer: str, model: Path, args, cpus: int | None) -> dict:
     """name: (command without --port, readiness path, CPUs to pin it to) for localmix and the peer."""
     py = [sys.executable]
     servers = {"localmix": (py + ["-m", "localmix", "serve", str(model), "--parallel", str(args.parallel), "--ctx",
-                                  str(args.ctx), "--alias", "m", "--queue", "64"], "/health", cpus)}
+                                  str(args.ctx), "--alias", "m", "--queue", "64", "--flash-attn", args.flash_attn],
+                             "/health", cpus)}
     if peer == "llama-cpp-python":
         servers[peer] = (py + ["-m", "llama_cpp.server", "--model", str(model), "--n_threads", str(args.threads),
                                "--n_threads_batch", str(args.threads), "--n_ctx", str(args.ctx), "--model_alias",
@@ -132,7 +133,7 @@ def servers_for(peer: str, model: Path, args, cpus: int | None) -> dict:
         binary = args.llama_server or ensure(nice=10)
         servers[peer] = ([str(binary), "-m", str(model), "-np", str(args.parallel), "-t", str(args.threads), "-tb",
                           str(args.threads), "-c", str(args.parallel * args.ctx), "--cont-batching", "-a", "m",
-                          "--host", "127.0.0.1"], "/health", cpus)
+                          "-fa", args.flash_attn, "--host", "127.0.0.1"], "/health", cpus)
     return servers
 
 
@@ -150,6 +151,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after the other")
     ap.add_argument("--ctx", type=int, default=1024, help="context of one sequence")
+    ap.add_argument("--flash-attn", choices=["off", "on", "auto"], default="off",
+                    help="flash attention for localmix and llama-server alike (llama-cpp-python's server: always off)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure each server this many times, alternating which goes first (a busy machine's "
                          "load drifts), and pool the rounds")
@@ -186,7 +189,8 @@ def main():
             proc.wait(30)
     results = {key: summary(value) for key, value in runs.items()}
     setup = (f"{model.name}, {args.threads} threads, {args.parallel} parallel sequences of {args.ctx} tokens, "
-             f"{args.max_tokens} tokens per request, {args.requests} request(s) per client, {args.rounds} round(s); "
+             f"{args.max_tokens} tokens per request, {args.requests} request(s) per client, {args.rounds} round(s), "
+             f"flash attention {args.flash_attn}; "
              f"peak RSS (VmHWM of the server process) localmix {peak['localmix'] / GiB:.2f} GiB, "
              f"{peer} {peak[peer] / GiB:.2f} GiB")
     print(f"\n{setup}, load average {os.getloadavg()[0]:.1f}\n")

@@ -90,6 +90,8 @@ def _options() -> dict[str, set[str]]:
             names.update(param.opts)
             names.update(param.secondary_opts)
         out[name] = names
+    for option in group.get_help_option_names(typer.Context(group, info_name="localmix")):
+        out[option] = set()  # `localmix --help`: the program's own options, with no subcommand
     return out
 
 
