@@ -197,5 +197,18 @@ async def _disconnected(request) -> None:
         pass
 
 
+# characters JSON leaves raw that Python's str.splitlines, and so httpx's iter_lines (the ollama
+# and mistralai clients read streams with it), takes for line breaks: one in a token would cut
+# a streamed line in two
+LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_LINE_BREAKS = str.maketrans(LINE_BREAKS)
+
+
+def json_line(obj, **kwargs) -> str:
+    """`obj` as JSON on one line, whatever splits the line: UTF-8 as it is (ensure_ascii=False),
+    but the three characters a line reader may break at escaped (JSON's own escapes for them)."""
+    return json.dumps(obj, ensure_ascii=False, **kwargs).translate(_LINE_BREAKS)
+
+
 def sse(obj) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + json_line(obj, separators=(",", ":")).encode() + b"\n\n"

@@ -19,7 +19,16 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from localmix.frontends.server import structured
-from localmix.frontends.server.common import ApiError, Run, State, chat_prompt, collect, sampling_from, text_prompt
+from localmix.frontends.server.common import (
+    ApiError,
+    Run,
+    State,
+    chat_prompt,
+    collect,
+    json_line,
+    sampling_from,
+    text_prompt,
+)
 from localmix.frontends.server.schemas import JsonSchema, ResponseFormat, Tool
 from localmix.runtime.stream import Done, Piece
 
@@ -224,7 +233,7 @@ def _final(model: str, done: Done, body: dict) -> dict:
 
 def _ndjson(run: Run, model: str, field: str, plan) -> StreamingResponse:
     def line(obj) -> bytes:
-        return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+        return json_line(obj).encode() + b"\n"
 
     async def body():
         held = []
