@@ -7,7 +7,8 @@ llama-cpp-python declares that field but never fills it (`c_void_p  # NOTE: unus
 `Llama` builds the params and loads the model within one constructor. So `load_llama` builds
 the array here and has it copied into the params that constructor asks
 `llama_model_default_params` for, by wrapping that function for the duration of the one call
-(under a lock, so no other load sees it); the flash attention type likewise (`_params_with`). The array and its strings stay referenced from the
+(under a lock, so no other load sees it); the flash attention type likewise, through
+`llama_init_from_model` (`_params_with`). The array and its strings stay referenced from the
 returned `Llama` for as long as the model lives.
 """
 
@@ -112,6 +113,5 @@ def load_llama(model_path: str, plan: Plan | None = None, n_gpu_layers: int | No
         kwargs["tensor_split"] = plan.tensor_split
     with _params_with(overrides, repack, devices, flash_attn):
         llm = Llama(model_path=model_path, n_gpu_layers=n_gpu_layers, **kwargs)
-    llm.context_params.flash_attn_type = FLASH_ATTN[flash_attn]  # (already so: the params handed to the context)
     llm._localmix_overrides = (overrides, devices)  # llama.cpp holds the pointers: keep them alive with the model
     return llm

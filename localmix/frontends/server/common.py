@@ -201,13 +201,17 @@ async def _disconnected(request) -> None:
 # and mistralai clients read streams with it), takes for line breaks: one in a token would cut
 # a streamed line in two
 LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
-_LINE_BREAKS = str.maketrans(LINE_BREAKS)
 
 
 def json_line(obj, **kwargs) -> str:
     """`obj` as JSON on one line, whatever splits the line: UTF-8 as it is (ensure_ascii=False),
-    but the three characters a line reader may break at escaped (JSON's own escapes for them)."""
-    return json.dumps(obj, ensure_ascii=False, **kwargs).translate(_LINE_BREAKS)
+    but the three characters a line reader may break at escaped (JSON's own escapes for them).
+    Three `replace` calls: each is a C scan (80 ns for a token's event, where `str.translate`
+    with a table takes 3 us), and this runs for every token streamed."""
+    text = json.dumps(obj, ensure_ascii=False, **kwargs)
+    for char, escaped in LINE_BREAKS.items():
+        text = text.replace(char, escaped)
+    return text
 
 
 def sse(obj) -> bytes:
