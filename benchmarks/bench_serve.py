@@ -6,7 +6,9 @@ llama-cpp-python: the same llama.cpp commit localmix runs).
 
 1, 4 and 8 clients (and 16 against llama-server) stream chat completions at once (each
 `--requests` in a row, `--max-tokens` tokens, temperature 0.8 with a per-request seed, so the
-replies differ); reported: total generated tokens per second over the wall time, the p50/p99
+replies differ). Every request names its whole sampling so that both servers run the same chain:
+top_k 40, top_p 0.95, min_p 0.05 (the three servers' defaults) and `--repeat-penalty` (default
+1.0, llama-server's default; localmix's and llama-cpp-python's is 1.1). Reported: total generated tokens per second over the wall time, the p50/p99
 time to the first token, and each server's peak resident memory (VmHWM of its own process, from
 /proc). llama-cpp-python's server runs with `--interrupt_requests False` (its default lets a
 new request cut the running one short, which would make it look faster than it is) and
@@ -79,9 +81,11 @@ def start(cmd: list[str], port: int, log: Path, ready: str, cpus: int | None = N
     raise SystemExit(f"{cmd[:4]} did not come up")
 
 
-async def client(http: httpx.AsyncClient, model: str, k: int, requests: int, max_tokens: int, ttfts: list, counts: list):
+async def client(http: httpx.AsyncClient, model: str, k: int, requests: int, max_tokens: int, ttfts: list, counts: list,
+                 repeat_penalty: float):
     for r in range(requests):
         body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0.8, "seed": 1000 * k + r,
+                "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": repeat_penalty,
                 "messages": [{"role": "user", "content": f"Client {k} asks question {r}: tell me a story."}]}
         t0, first, n = time.perf_counter(), None, 0
         async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
@@ -97,13 +101,13 @@ async def client(http: httpx.AsyncClient, model: str, k: int, requests: int, max
         counts.append(n)
 
 
-def measure(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+def measure(url: str, model: str, clients: int, requests: int, max_tokens: int, repeat_penalty: float = 1.0) -> dict:
     async def main():
         ttfts, counts = [], []
         no_reuse = httpx.Limits(max_keepalive_connections=0)  # see the module's docstring
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=no_reuse) as http:
             t0 = time.perf_counter()
-            await asyncio.gather(*(client(http, model, k, requests, max_tokens, ttfts, counts) for k in range(clients)))
+            await asyncio.gather(*(client(http, model, k, requests, max_tokens, ttfts, counts, repeat_penalty) for k in range(clients)))
             wall = time.perf_counter() - t0
         return {"wall": wall, "ttfts": ttfts, "tokens": sum(counts)}
     return asyncio.run(main())
@@ -153,6 +157,8 @@ def main():
     ap.add_argument("--ctx", type=int, default=1024, help="context of one sequence")
     ap.add_argument("--flash-attn", choices=["off", "on", "auto"], default="off",
                     help="flash attention for localmix and llama-server alike (llama-cpp-python's server: always off)")
+    ap.add_argument("--repeat-penalty", type=float, default=1.0,
+                    help="sent with every request to both servers (1.0: none, llama-server's default)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure each server this many times, alternating which goes first (a busy machine's "
                          "load drifts), and pool the rounds")
@@ -179,7 +185,7 @@ def main():
             measure(f"http://127.0.0.1:{port}", "m", 1, 1, 4)  # warm-up
             for clients in client_counts:
                 runs.setdefault((name, clients), []).append(
-                    measure(f"http://127.0.0.1:{port}", "m", clients, args.requests, args.max_tokens))
+                    measure(f"http://127.0.0.1:{port}", "m", clients, args.requests, args.max_tokens, args.repeat_penalty))
                 r = summary(runs[name, clients][-1:])
                 print(f"{name:17s} {clients:2d} client(s): {r['tps']:7.1f} tok/s, TTFT p50 {r['p50'] * 1000:7.1f} ms, "
                       f"p99 {r['p99'] * 1000:7.1f} ms ({r['tokens']} tokens)", flush=True)
@@ -190,7 +196,7 @@ def main():
     results = {key: summary(value) for key, value in runs.items()}
     setup = (f"{model.name}, {args.threads} threads, {args.parallel} parallel sequences of {args.ctx} tokens, "
              f"{args.max_tokens} tokens per request, {args.requests} request(s) per client, {args.rounds} round(s), "
-             f"flash attention {args.flash_attn}; "
+             f"flash attention {args.flash_attn}, repeat penalty {args.repeat_penalty}; "
              f"peak RSS (VmHWM of the server process) localmix {peak['localmix'] / GiB:.2f} GiB, "
              f"{peer} {peak[peer] / GiB:.2f} GiB")
     print(f"\n{setup}, load average {os.getloadavg()[0]:.1f}\n")

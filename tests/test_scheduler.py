@@ -1,17 +1,20 @@
 """The batched scheduler on its own (no HTTP): a full queue says Busy, a cancelled prompt stops
-within a step, a slot reuses the prompt prefix of its previous request, and greedy replies equal
-the llama.cpp engine's (`localmix run`'s path)."""
+within a step, a slot reuses the prompt prefix of its previous request, greedy replies equal
+the llama.cpp engine's (`localmix run`'s path), and the logit bias and repeat penalty written
+into the logits pick the tokens llama.cpp's own samplers pick."""
 
 from __future__ import annotations
 
+import ctypes
 import queue
 
+import numpy as np
 import pytest
 
 from localmix.frontends.load import open_engine
 from localmix.frontends.oneshot import conversation_tokens
-from localmix.runtime.scheduler import Busy, Job, Scheduler
-from localmix.runtime.stream import Done, Sampling
+from localmix.runtime.scheduler import _TOKEN_DATA, Busy, Job, Scheduler, _Edits
+from localmix.runtime.stream import Done, Piece, Sampling
 
 GREEDY = Sampling(temperature=0, max_tokens=12)
 
@@ -119,3 +122,86 @@ def test_flash_attention_reaches_llama_cpp_and_the_scheduler_follows_the_engine(
         assert wait(q).text == on_text
     finally:
         s.close()
+
+
+def test_bias_and_repeat_penalty_in_the_logits_pick_what_llama_cpp_samplers_pick(engine, monkeypatch):
+    """The scheduler writes a job's logit bias and repeat penalty into its row of logits
+    (`_Edits`) instead of running llama.cpp's penalties sampler over the whole vocabulary; the
+    arithmetic is the same float32 operations, so every token must be the one llama.cpp's own
+    logit-bias and penalties samplers give (EDIT_LOGITS False), over 100 tokens (the 64-token
+    window wraps), greedy and sampled, with a bias on tokens the penalty also hits, with a
+    grammar, and with a frequency penalty (which keeps llama.cpp's sampler)."""
+    tokens = conversation_tokens(engine, [{"role": "user", "content": "Tell me a long story"}])
+    favour = {t: 8.0 for t in range(100, 120)}  # greedy repeats these unless the penalty pushes it off
+    cases = {
+        "greedy": dict(sampling=Sampling(temperature=0, repeat_penalty=1.3, max_tokens=100), logit_bias=favour),
+        "sampled": dict(sampling=Sampling(temperature=0.9, repeat_penalty=1.1, seed=7, max_tokens=100)),
+        "biased": dict(sampling=Sampling(temperature=0.7, repeat_penalty=1.5, seed=3, max_tokens=100),
+                       logit_bias={**{t: 2.5 for t in range(100, 400)}, **{t: -1.25 for t in range(29000, 29400)}}),
+        "grammar": dict(sampling=Sampling(temperature=0.8, repeat_penalty=1.2, seed=11, max_tokens=100),
+                        grammar='root ::= ("yes" | "no" | " " | "maybe")+'),
+        "frequency": dict(sampling=Sampling(temperature=0.8, repeat_penalty=1.1, seed=5, max_tokens=100),
+                          frequency_penalty=0.4, presence_penalty=0.2),
+        "plain greedy": dict(sampling=Sampling(temperature=0, repeat_penalty=1.0, max_tokens=100), logit_bias=favour),
+    }
+
+    def generate(edit: bool) -> dict[str, list[int]]:
+        monkeypatch.setattr(Scheduler, "EDIT_LOGITS", edit)
+        s = Scheduler(engine.llm, parallel=4, n_ctx=1024)
+        try:
+            got = {}
+            for name, kw in cases.items():
+                q = queue.Queue()
+                s.submit(Job(tokens, emit=q.put, **kw))
+                events = []
+                while not isinstance(events[-1] if events else None, (Done, Exception)):
+                    events.append(q.get(timeout=60))
+                assert isinstance(events[-1], Done), events[-1]
+                got[name] = [e.token for e in events if isinstance(e, Piece)]
+            return got
+        finally:
+            s.close()
+
+    edited, reference = generate(True), generate(False)
+    for name in cases:
+        assert edited[name] == reference[name], name
+    assert len(edited["greedy"]) > 64  # the window wrapped
+    assert edited["greedy"] != edited["plain greedy"]  # the penalty changed what greedy picks
+    assert any(100 <= t < 400 for t in edited["biased"])
+
+
+def test_edits_give_the_bits_of_llama_cpp_bias_and_penalties_samplers():
+    """`_Edits` against llama.cpp's logit-bias then penalties samplers on the same candidates:
+    logits with zeros (the penalty's `<= 0` edge), negatives and -inf, biases that overlap the
+    penalised tokens, penalties below and above 1, histories shorter and longer than the
+    64-token window with repeats; every logit bit-equal, and `undo` gives the row back."""
+    import llama_cpp as L
+
+    rng = np.random.default_rng(0)
+    n_vocab = 400
+    for trial in range(40):
+        logits = rng.normal(0, 4, n_vocab).astype(np.float32)
+        logits[rng.choice(n_vocab, 30, replace=False)] = 0.0
+        logits[rng.choice(n_vocab, 5, replace=False)] = -np.inf
+        bias = {int(t): float(rng.normal(0, 3)) for t in rng.choice(n_vocab, int(rng.integers(0, 40)), replace=False)}
+        repeat = float(rng.choice([0.7, 1.0, 1.1, 1.3, 2.5]))
+        history = rng.choice(100, size=int(rng.integers(0, 200))).tolist()  # tokens 0..99: repeats, overlaps
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if bias:
+            arr = (L.llama_logit_bias * len(bias))(*[L.llama_logit_bias(t, b) for t, b in bias.items()])
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(n_vocab, len(arr), arr))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(n_vocab, 64, repeat, 0.0, 0.0))
+        edits = _Edits(bias, repeat)
+        for token in history:
+            L.llama_sampler_accept(chain, token)
+            edits.accept(token)
+        cur = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+        cur["id"], cur["logit"] = np.arange(n_vocab), logits
+        view = L.llama_token_data_array(cur.ctypes.data_as(L.llama_token_data_p), n_vocab, -1, False)
+        L.llama_sampler_apply(chain, ctypes.byref(view))
+        L.llama_sampler_free(chain)
+        mine = logits.copy()
+        edit = edits.apply(mine)
+        assert np.array_equal(mine.view(np.uint32), cur["logit"].view(np.uint32)), (trial, repeat, len(history))
+        edits.undo(mine, edit)
+        assert np.array_equal(mine.view(np.uint32), logits.view(np.uint32))

@@ -156,6 +156,26 @@ def test_bad_parameters_are_400s_naming_them(client, server):
     assert ok.choices[0].message.content is not None
 
 
+def test_llama_server_sampling_names(client):
+    """`repeat_penalty` and `min_p`, as a client written for llama-server sends them, reach the
+    sampler: the same reply as `repetition_penalty`, a different one when the penalty bites (a
+    bias makes greedy repeat 20 tokens), `min_p` 1 leaves sampling only the most likely token
+    (greedy's); the two names disagreeing are a 400."""
+    name, messages = model_name(client), [{"role": "user", "content": "Name three colours"}]
+    favour = {str(t): 8 for t in range(100, 120)}
+
+    def reply(**extra):
+        return client.chat.completions.create(model=name, messages=messages, max_tokens=24, logit_bias=favour,
+                                              **{"temperature": 0, **extra}).choices[0].message.content
+    plain = reply(extra_body={"repeat_penalty": 1.0})
+    assert plain == reply(extra_body={"repetition_penalty": 1.0})
+    assert reply(extra_body={"repeat_penalty": 1.5}) != plain
+    assert reply(temperature=1.0, seed=9, extra_body={"repeat_penalty": 1.0, "min_p": 1.0}) == plain
+    with pytest.raises(openai.BadRequestError) as e:
+        reply(extra_body={"repeat_penalty": 1.0, "repetition_penalty": 1.2})
+    assert e.value.body["param"] == "repeat_penalty"
+
+
 def test_bad_input_statuses(server):
     def post(body=None, **kw):
         return server.post("/v1/chat/completions", body, **kw)

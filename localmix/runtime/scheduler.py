@@ -6,7 +6,8 @@ a chunk of a new prompt (at most `chunk` tokens per slot, so a long prompt never
 others back and a cancelled one stops within a step) and each generating slot's last token,
 calls `llama_decode` once, and samples every slot whose logits came out with its own
 `llama_sampler` chain (the chain llama-cpp-python's `Llama.generate` builds, so greedy picks
-equal `localmix run`'s). Sampled tokens become `Piece`/`Done` events through the same
+equal `localmix run`'s; its logit bias and repeat penalty are applied by `_Edits`, which gives
+the same bits touching only the logits that change). Sampled tokens become `Piece`/`Done` events through the same
 `reply_events` as every engine, and are handed to the request's callback.
 
 A slot keeps the tokens of its last request in its part of the KV cache; a new request goes to
@@ -45,6 +46,49 @@ log = logging.getLogger("localmix.server")
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 
 
+class _Edits:
+    """A job's logit bias and repeat penalty, written into its row of llama.cpp's logits before
+    the sampler chain reads them and undone after, with the arithmetic of llama.cpp's samplers:
+    the logit-bias sampler's `logit += bias`, then the penalties sampler's (repeat penalty only:
+    a logit of a token among the last `last_n` sampled divided by the penalty when positive,
+    multiplied when not). float32 both ways, so the same bits as those samplers give; the
+    chain keeps its order (bias, penalties, the rest). llama.cpp's penalties sampler looks each
+    of the vocabulary's tokens up in a hash map, about 0.1 ms a token at 32000 (most of the
+    sampling time); this touches the at most `last_n` + len(bias) logits that change.
+    `_sampler_chain(job, in_chain=True)` is the plain reference: both as llama.cpp samplers."""
+
+    def __init__(self, bias: dict[int, float], repeat: float, last_n: int = 64):
+        self.bias_ids = np.fromiter(bias, dtype=np.int64, count=len(bias))
+        self.bias = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
+        self.repeat = np.float32(repeat)
+        self.recent = np.zeros(last_n if repeat != 1.0 else 0, dtype=np.int64)  # a ring of the last tokens
+        self.accepted = 0
+
+    def accept(self, token: int) -> None:
+        """The penalties sampler's window: the last `last_n` accepted tokens."""
+        if len(self.recent):
+            self.recent[self.accepted % len(self.recent)] = token
+            self.accepted += 1
+
+    def apply(self, logits: np.ndarray):
+        """Edit `logits` in place; returns what `undo` needs."""
+        saved_bias = None
+        if len(self.bias_ids):
+            saved_bias = logits[self.bias_ids]
+            logits[self.bias_ids] += self.bias
+        # a token twice in the window is read twice and written twice with the same value
+        recent = self.recent[: self.accepted]
+        x = logits[recent]
+        logits[recent] = np.where(x <= 0, x * self.repeat, x / self.repeat)
+        return recent, x, saved_bias
+
+    def undo(self, logits: np.ndarray, edit) -> None:
+        recent, x, saved_bias = edit
+        logits[recent] = x
+        if saved_bias is not None:  # after: a token both biased and penalised gets its first value back
+            logits[self.bias_ids] = saved_bias
+
+
 class Busy(Exception):
     """Every slot is busy and the queue is full."""
 
@@ -63,7 +107,8 @@ class Job:
     """One generation: prompt tokens, sampling, and where its events go.
 
     `emit(event)` is called from the scheduler thread with each `Piece`, then one `Done` (or an
-    Exception). `cancel()` may be called from any thread; the sequence stops at the next step."""
+    Exception); the scheduler's `handover` hook says when to pass them on.
+    `cancel()` may be called from any thread; the sequence stops at the next step."""
     tokens: list[int]
     sampling: Sampling
     emit: Callable[[object], None]
@@ -92,6 +137,7 @@ class _Slot:
     job: Job | None = None
     todo: list[int] = field(default_factory=list)     # prompt tokens not yet evaluated
     sampler: object = None
+    edits: _Edits | None = None                        # its logit bias and repeat penalty, when not in the chain
     grammar: object = None                             # its own sampler, applied as _sample says
     events: object = None                              # the job's reply_events generator
     token: int | None = None                           # the sampled token reply_events takes next
@@ -116,12 +162,22 @@ class Metrics:
 
 
 class Scheduler:
+    """Its loop (`run`) runs on a thread of its own, or with `thread=False` on the caller's.
+
+    llama.cpp's CPU backend computes with OpenMP, which keeps a team of threads for each thread
+    that computes, and spins only briefly at its barriers once the process has more OpenMP threads
+    than CPUs: two threads that have computed (one loaded the model, another decodes) make every
+    decode wait on sleeping threads. Measured on 2 cores, one token of the tiny Mixtral: 0.5 ms on
+    the thread that loaded the model, 2 ms on another. So a server loads the model, makes the
+    Scheduler and calls `run` on one thread (frontends/server/run.py)."""
+
     def __init__(self, llm, parallel: int = 1, n_ctx: int = 2048, queue_size: int = 16, chunk: int = 128,
-                 n_threads: int | None = None, release_engine_context: bool = False):
+                 n_threads: int | None = None, release_engine_context: bool = False, thread: bool = True):
         """`llm` is a loaded llama_cpp.Llama; its model (weights) is shared, a context of our own
         holds `parallel` sequences of `n_ctx` tokens each. `release_engine_context` frees the
         Llama's own context (its KV cache) once ours exists, so the memory holds one, not two:
-        for a server, whose engine then only tokenizes; `llm` can no longer generate."""
+        for a server, whose engine then only tokenizes; `llm` can no longer generate.
+        `thread=False`: no thread is started; the caller runs the loop with `run()`."""
         self.llm, self.parallel, self.n_ctx, self.chunk, self.queue_size = llm, parallel, n_ctx, chunk, queue_size
         # The Llama's own context is not used here, but until it has decoded once its CPU
         # thread pool keeps polling for work and starves ours (measured: 40 s instead of 0.06 s
@@ -156,8 +212,24 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stop = False
         self.abandoned = False  # `abandon` was called: the thread is stuck in llama.cpp
-        self._thread = threading.Thread(target=self._loop, name="localmix-scheduler", daemon=True)
-        self._thread.start()
+        # called when the events emitted so far should be passed on: just before each decode
+        # (which leaves the GIL to other threads for its duration) and before the loop sleeps. A
+        # caller that hands events to another thread does it then, once a step, not once a token
+        # (server/common.py's Inbox)
+        self.handover: Callable[[], None] | None = None
+        self._running = False
+        self._done = threading.Event()  # the loop has returned
+        if thread:
+            self._running = True
+            threading.Thread(target=self.run, name="localmix-scheduler", daemon=True).start()
+
+    def run(self) -> None:
+        """The loop (admit waiting jobs, decode a step) until `close`, on the calling thread."""
+        self._running = True
+        try:
+            self._loop()
+        finally:
+            self._done.set()
 
     # ---- called from other threads ----
 
@@ -190,6 +262,7 @@ class Scheduler:
             self.waiting.clear()
         for job in jobs:
             job.emit(error)
+        self._handover()
 
     @property
     def active(self) -> int:
@@ -208,23 +281,32 @@ class Scheduler:
             for job in [j for group in self.waiting for j in group] + [s.job for s in self.slots if s.job]:
                 job.cancel(self.step)
             self._wake.notify()
-        self._thread.join(timeout)
-        if not self._thread.is_alive() and self.ctx:
+        if self._running and not self._done.wait(timeout):
+            return  # still in a step: the context stays
+        if self.ctx:
             L.llama_batch_free(self.batch)
             L.llama_free(self.ctx)
             self.ctx = None
 
     # ---- the scheduler thread ----
 
+    def _idle(self) -> bool:
+        return not self._stop and not self.waiting and all(s.job is None for s in self.slots)
+
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stop and not self.waiting and all(s.job is None for s in self.slots):
+                idle = self._idle()
+            if idle:
+                self._handover()  # the last step's events, before sleeping
+            with self._wake:
+                while self._idle():
                     self._wake.wait()
                 if self._stop and all(s.job is None for s in self.slots):
                     for job in (j for group in self.waiting for j in group):
                         job.emit(Done("cancelled", len(job.tokens), 0, 0, 0.0, 0.0))
                     self.waiting.clear()
+                    self._handover()
                     return
                 self._admit()
             try:
@@ -235,6 +317,13 @@ class Scheduler:
                     if s.job is not None:
                         s.job.emit(e)
                         self._free(s, forget=True)
+
+    def _handover(self) -> None:
+        if self.handover is not None:
+            try:
+                self.handover()
+            except Exception:  # the receiver's failure must not stop the scheduler
+                log.exception("handing the events over failed")
 
     def _admit(self) -> None:
         """Move waiting groups into free slots, first come first served: a group's first job to
@@ -255,8 +344,8 @@ class Scheduler:
             samplers = []
             try:
                 for job in live:
-                    samplers.append((self._sampler(job), None))
-                    samplers[-1] = (samplers[-1][0], self._grammar(job))
+                    samplers.append((*self._sampler(job), None))
+                    samplers[-1] = (*samplers[-1][:2], self._grammar(job))
             except ValueError as e:
                 for smpl in samplers:
                     L.llama_sampler_free(smpl[0])
@@ -278,7 +367,7 @@ class Scheduler:
             leader.forks.append(slot)
         L.llama_memory_seq_rm(self.mem, slot.seq, slot.n_kv, -1)
         slot.job, slot.generated, slot.token, slot.t_first = job, 0, None, None
-        slot.sampler, slot.grammar = samplers
+        slot.sampler, slot.edits, slot.grammar = samplers
         piece = self.words.piece if not job.shown else lambda t: self.words.piece(t, t in job.shown)
         slot.events = reply_events(self._tokens(slot), piece, self.words.eog, len(job.tokens),
                                    len(job.tokens) - keep, self.n_ctx, job.sampling, job.cancelled, job.strip_space)
@@ -294,16 +383,28 @@ class Scheduler:
             yield token
 
     def _sampler(self, job: Job):
+        """(chain, edits): the job's sampler chain, and its logit bias and repeat penalty as
+        `_Edits` when they can leave the chain (no frequency or presence penalty, whose
+        arithmetic stays llama.cpp's), else None."""
+        if job.frequency_penalty or job.presence_penalty or not self.EDIT_LOGITS:
+            return self._sampler_chain(job, in_chain=True), None
+        return self._sampler_chain(job, in_chain=False), _Edits(job.logit_bias, job.sampling.repeat_penalty)
+
+    EDIT_LOGITS = True  # False: bias and penalties always in the chain (the reference `_Edits` is checked against)
+
+    def _sampler_chain(self, job: Job, in_chain: bool):
         """The chain llama-cpp-python's Llama._init_sampler builds (penalties over the last 64
         generated tokens, then greedy or top-k/typical/top-p/min-p/temperature/dist), with
-        logit bias first and a grammar after the penalties when asked for."""
+        logit bias first and a grammar after the penalties when asked for. Without `in_chain`,
+        the bias and penalties are left out (`_Edits` applies them)."""
         s = job.sampling
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        if job.logit_bias:
+        if in_chain and job.logit_bias:
             arr = (L.llama_logit_bias * len(job.logit_bias))(*[L.llama_logit_bias(t, b) for t, b in job.logit_bias.items()])
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(self.n_vocab, len(arr), arr))
-        L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(
-            self.n_vocab, 64, s.repeat_penalty, job.frequency_penalty, job.presence_penalty))
+        if in_chain:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(
+                self.n_vocab, 64, s.repeat_penalty, job.frequency_penalty, job.presence_penalty))
         if s.temperature <= 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
         else:
@@ -323,12 +424,26 @@ class Scheduler:
         return g
 
     def _sample(self, s: _Slot, row: int) -> int:
-        """The slot's next token. With a grammar, as llama.cpp's common sampler does: sample
-        unconstrained, keep the token when the grammar allows it, else constrain all the
-        candidates and sample again (checking one token is far cheaper than the whole vocabulary)."""
+        """The slot's next token: its `_Edits` written into the row, the chain run, the row restored."""
+        if s.edits is None:
+            return self._sample_chain(s, row, None)
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
+        edit = s.edits.apply(logits)
+        try:
+            token = self._sample_chain(s, row, logits)
+        finally:
+            s.edits.undo(logits, edit)
+        s.edits.accept(token)
+        return token
+
+    def _sample_chain(self, s: _Slot, row: int, logits: np.ndarray | None) -> int:
+        """With a grammar, as llama.cpp's common sampler does: sample unconstrained, keep the
+        token when the grammar allows it, else constrain all the candidates and sample again
+        (checking one token is far cheaper than the whole vocabulary)."""
         if s.grammar is None:
             return L.llama_sampler_sample(s.sampler, self.ctx, row)
-        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
+        if logits is None:
+            logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
         token = self._apply(s.sampler, logits)
         one = np.array([(token, logits[token], 0.0)], dtype=_TOKEN_DATA)
         self._run(s.grammar, one)
@@ -382,6 +497,7 @@ class Scheduler:
         b.n_tokens = n
         self.metrics.steps += 1
         self.metrics.max_batch_sequences = max(self.metrics.max_batch_sequences, served)
+        self._handover()  # the last step's events go while this thread waits in llama.cpp
         t0 = time.perf_counter()
         rc = L.llama_decode(self.ctx, b)
         self.metrics.decode_seconds += time.perf_counter() - t0
@@ -462,4 +578,4 @@ class Scheduler:
         s.cached = [] if forget else s.cached[: s.n_kv]
         s.n_kv = len(s.cached)
         L.llama_memory_seq_rm(self.mem, s.seq, s.n_kv, -1)
-        s.job, s.sampler, s.grammar, s.events, s.token, s.todo = None, None, None, None, None, []
+        s.job, s.sampler, s.edits, s.grammar, s.events, s.token, s.todo = None, None, None, None, None, None, []

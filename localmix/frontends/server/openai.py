@@ -119,6 +119,8 @@ def check_params(body: Common) -> None:
         raise ApiError(400, f"unknown parameter {name!r}", param=name, code="unknown_parameter")
     if body.seed is not None and body.random_seed is not None and body.seed != body.random_seed:
         raise ApiError(400, "'seed' and 'random_seed' disagree; give one", param="random_seed")
+    if None not in (body.repetition_penalty, body.repeat_penalty) and body.repetition_penalty != body.repeat_penalty:
+        raise ApiError(400, "'repetition_penalty' and 'repeat_penalty' disagree; give one", param="repeat_penalty")
 
 
 def request_jobs(state: State, body: Common, tokens: list[int], max_tokens: int | None, grammar: str | None = None,
@@ -129,8 +131,9 @@ def request_jobs(state: State, body: Common, tokens: list[int], max_tokens: int 
         raise ApiError(400, f"n={body.n} choices need as many slots and this server has {state.scheduler.parallel} "
                        "(restart it with a larger --parallel)", param="n")
     seed = body.seed if body.seed is not None else body.random_seed
+    repeat = body.repetition_penalty if body.repetition_penalty is not None else body.repeat_penalty
     sampling = sampling_from(state, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                             repeat_penalty=body.repetition_penalty, seed=seed, max_tokens=max_tokens, stop=body.stop)
+                             min_p=body.min_p, repeat_penalty=repeat, seed=seed, max_tokens=max_tokens, stop=body.stop)
     if len(sampling.stop) > 4:
         raise ApiError(400, "at most 4 stop sequences", param="stop")
     bias = dict(bias or {})  # the plan's, then the request's

@@ -90,18 +90,28 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
     except OSError as e:
         raise InputError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
-    def load_model(state: State) -> None:
+    def load_and_run(state: State) -> None:
+        """Load the model, make the scheduler and run its loop, all on this one thread: llama.cpp's
+        OpenMP threads decode 4x slower when a second thread has computed (runtime/scheduler.py)."""
         from localmix.frontends.load import open_engine
         from localmix.runtime.rpc import parse_endpoints
         from localmix.runtime.scheduler import Scheduler
 
-        workers = parse_endpoints(load.rpc) if load.rpc else []
-        engine = open_engine(path, load, sequences=parallel, on_lost=lambda gone, message: lost(state, gone, workers))
-        state.engine = engine
-        state.scheduler = Scheduler(engine.llm, parallel=parallel, n_ctx=engine.n_ctx, queue_size=queue, chunk=chunk,
-                                    release_engine_context=True)
-        logging.getLogger("localmix.server").info("model loaded: %s, %d slot(s) of %d tokens", path.name, parallel,
-                                                  engine.n_ctx)
+        log = logging.getLogger("localmix.server")
+        try:
+            workers = parse_endpoints(load.rpc) if load.rpc else []
+            engine = open_engine(path, load, sequences=parallel,
+                                 on_lost=lambda gone, message: lost(state, gone, workers))
+            state.engine = engine
+            scheduler = Scheduler(engine.llm, parallel=parallel, n_ctx=engine.n_ctx, queue_size=queue, chunk=chunk,
+                                  release_engine_context=True, thread=False)
+        except Exception as e:  # shown on /health and in the log; the server keeps answering
+            state.load_error = f"the model failed to load: {e}"
+            log.error(state.load_error)
+            return
+        state.scheduler = scheduler
+        log.info("model loaded: %s, %d slot(s) of %d tokens", path.name, parallel, engine.n_ctx)
+        scheduler.run()
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     state = State(options)
@@ -113,10 +123,10 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
     config = uvicorn.Config(app, host=host.strip("[]"), port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on")
     server = uvicorn.Server(config)
-    # HTTP in a thread, the model loaded here in the main thread meanwhile (/health says 503
-    # until it is done). Loaded from a thread instead, llama.cpp's CPU threads decoded 15-60x
-    # slower on 2 cores (measured); the main thread also gets the signals.
+    # HTTP in a thread, the model loaded and the scheduler run in another (/health says 503 until
+    # it is loaded); the main thread gets the signals, even while llama.cpp waits on a lost worker.
     http = threading.Thread(target=server.run, name="localmix-http", daemon=True)
+    compute = threading.Thread(target=load_and_run, args=(state,), name="localmix-engine", daemon=True)
 
     def stop(*_):
         server.should_exit = True
@@ -124,13 +134,13 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
     http.start()
-    try:
-        load_model(state)
-    except Exception as e:  # shown on /health and in the log; the server keeps answering
-        state.load_error = f"the model failed to load: {e}"
-        logging.getLogger("localmix.server").error(state.load_error)
+    compute.start()
     while http.is_alive():
         http.join(0.5)
+    while compute.is_alive() and state.lost_workers is None:  # a load still running, a loop still stepping
+        if state.scheduler is not None:
+            state.scheduler.close()  # its loop returns (the app's shutdown has closed it already)
+        compute.join(0.5)
     announce("localmix stopped")
     if state.lost_workers is not None:  # llama.cpp's threads wait on the lost worker forever: no exit handlers
         sys.stdout.flush()

@@ -120,6 +120,9 @@ class Common(_Strict):
     safe_prompt: bool = False
     top_k: Optional[int] = Field(None, ge=0)
     repetition_penalty: Optional[float] = Field(None, ge=0.0)
+    # llama.cpp's server's names (llama-server clients send them)
+    repeat_penalty: Optional[float] = Field(None, ge=0.0)
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
 
 
 class ChatRequest(Common):
