@@ -76,7 +76,9 @@ def profile(engine, clients: int, parallel: int, requests: int, max_tokens: int,
             loop(self)
     sched.Scheduler._loop = loop_profiled
     try:
-        s = sched.Scheduler(engine.llm, parallel=parallel, n_ctx=1024, queue_size=64)  # the engine context stays: the next count needs it
+        # the engine context stays (the next count needs it); the loop runs on this thread, which
+        # loaded the model, as serve's does (two threads that compute slow llama.cpp's OpenMP down)
+        s = sched.Scheduler(engine.llm, parallel=parallel, n_ctx=1024, queue_size=64, thread=False)
         prompts = [conversation_tokens(engine, [{"role": "user", "content": f"Client {k} asks question {r}: "
                                                  "tell me a story."}]) for k in range(clients) for r in range(requests)]
         served = []
@@ -94,13 +96,18 @@ def profile(engine, clients: int, parallel: int, requests: int, max_tokens: int,
         steps0 = s.metrics.steps
         t0 = time.perf_counter()
         threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        timing = {}
+
+        def watch():
+            for t in threads:
+                t.join()
+            timing["wall"], timing["steps"] = time.perf_counter() - t0, s.metrics.steps - steps0
+            s.close()  # run() below returns
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
-        steps = s.metrics.steps - steps0
-        s.close()
+        threading.Thread(target=watch).start()
+        s.run()
+        wall, steps = timing["wall"], timing["steps"]
     finally:
         for n, f in saved.items():
             setattr(sched.Scheduler, n, f)

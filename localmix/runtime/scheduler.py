@@ -388,7 +388,8 @@ class Scheduler:
         arithmetic stays llama.cpp's), else None."""
         if job.frequency_penalty or job.presence_penalty or not self.EDIT_LOGITS:
             return self._sampler_chain(job, in_chain=True), None
-        return self._sampler_chain(job, in_chain=False), _Edits(job.logit_bias, job.sampling.repeat_penalty)
+        edits = _Edits(job.logit_bias, job.sampling.repeat_penalty) if job.logit_bias or job.sampling.repeat_penalty != 1.0 else None
+        return self._sampler_chain(job, in_chain=False), edits
 
     EDIT_LOGITS = True  # False: bias and penalties always in the chain (the reference `_Edits` is checked against)
 
