@@ -1,7 +1,8 @@
 """The batched scheduler on its own (no HTTP): a full queue says Busy, a cancelled prompt stops
 within a step, a slot reuses the prompt prefix of its previous request, greedy replies equal
-the llama.cpp engine's (`localmix run`'s path), and the logit bias and repeat penalty written
-into the logits pick the tokens llama.cpp's own samplers pick."""
+the llama.cpp engine's (`localmix run`'s path), a prefix another slot holds is copied rather
+than evaluated, and the logit bias and repeat penalty written into the logits pick the tokens
+llama.cpp's own samplers pick."""
 
 from __future__ import annotations
 
@@ -205,3 +206,36 @@ def test_edits_give_the_bits_of_llama_cpp_bias_and_penalties_samplers():
         assert np.array_equal(mine.view(np.uint32), cur["logit"].view(np.uint32)), (trial, repeat, len(history))
         edits.undo(mine, edit)
         assert np.array_equal(mine.view(np.uint32), logits.view(np.uint32))
+
+
+def test_a_prefix_another_slot_holds_is_copied_not_evaluated(engine):
+    """Two conversations with one long system prompt: the second, admitted while the first
+    generates in the other slot, evaluates only what follows the shared prefix (copied from the
+    first slot's KV cache), and its greedy reply is the one it gets alone on a fresh scheduler."""
+    system = {"role": "system", "content": "You answer questions about colours. " * 40}
+    first = conversation_tokens(engine, [system, {"role": "user", "content": "Name three colours"}])
+    second = conversation_tokens(engine, [system, {"role": "user", "content": "Which colour is the sky?"}])
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert shared > 200
+    long = Sampling(temperature=0, max_tokens=40)
+    s = Scheduler(engine.llm, parallel=2, n_ctx=1024)
+    try:
+        q1, q2 = queue.Queue(), queue.Queue()
+        s.submit(Job(first, long, q1.put))
+        assert isinstance(q1.get(timeout=60), Piece)  # the first prompt is in its slot's cache
+        s.submit(Job(second, GREEDY, q2.put))
+        done = wait(q2)
+        wait(q1)
+        assert done.prompt_evaluated == len(second) - shared
+        assert s.metrics.borrowed_tokens == shared
+    finally:
+        s.close()
+    alone = Scheduler(engine.llm, parallel=2, n_ctx=1024)
+    try:
+        q = queue.Queue()
+        alone.submit(Job(second, GREEDY, q.put))
+        solo = wait(q)
+        assert solo.prompt_evaluated == len(second) and alone.metrics.borrowed_tokens == 0
+        assert done.text == solo.text
+    finally:
+        alone.close()

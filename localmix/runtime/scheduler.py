@@ -12,7 +12,9 @@ the same bits touching only the logits that change). Sampled tokens become `Piec
 
 A slot keeps the tokens of its last request in its part of the KV cache; a new request goes to
 the free slot sharing the longest prefix with it (chat clients resend the conversation), and
-only the rest is evaluated. Requests beyond the slots wait in a bounded queue; `submit` on a
+only the rest is evaluated. When another slot, busy or free, holds a longer prefix (a system
+prompt every conversation starts with), that slot's cells are copied into the new one
+(`_borrow`) rather than evaluated again, as llama-server's prompt cache does. Requests beyond the slots wait in a bounded queue; `submit` on a
 full queue raises `Busy`. Nothing here knows of HTTP.
 
 Several choices of one prompt (OpenAI's `n`) are one group, `submit(job, *forks)`, admitted
@@ -152,7 +154,8 @@ class Metrics:
     requests: int = 0
     cancelled: int = 0
     prompt_tokens: int = 0        # evaluated (not from the cache)
-    cached_tokens: int = 0        # prompt tokens reused from a slot's cache
+    cached_tokens: int = 0        # prompt tokens reused from a slot's cache (its own or copied in)
+    borrowed_tokens: int = 0      # of which copied from another slot's (`_borrow`)
     generated_tokens: int = 0
     steps: int = 0
     max_batch_sequences: int = 0  # the most sequences one llama_decode has served
@@ -360,6 +363,7 @@ class Scheduler:
     def _start(self, slot: _Slot, job: Job, samplers: tuple, leader: _Slot | None) -> None:
         if leader is None:
             keep = min(common_prefix(slot.cached, job.tokens), len(job.tokens) - 1)  # evaluate >= 1 token for logits
+            keep = self._borrow(slot, job.tokens, keep)
             slot.cached, slot.n_kv, slot.todo = job.tokens[:keep], keep, job.tokens[keep:]
         else:  # its cache is dropped now and becomes a copy of the leader's when its prompt is done
             keep = len(job.tokens)
@@ -373,6 +377,34 @@ class Scheduler:
                                    len(job.tokens) - keep, self.n_ctx, job.sampling, job.cancelled, job.strip_space)
         self.metrics.prompt_tokens += len(job.tokens) - keep
         self.metrics.cached_tokens += keep
+
+    def _borrow(self, slot: _Slot, tokens: list[int], keep: int) -> int:
+        """How much of `tokens` `slot` holds once a longer prefix held by another slot is copied
+        in (`keep`, what it holds of its own, when none is). The copy goes through llama.cpp's
+        sequence state (`llama_state_seq_get_data`/`set_data`: every cell of the other sequence,
+        trimmed after): bit for bit the keys and values that evaluating the prefix here would
+        give, since a token's row does not depend on what else its batch held (the scheduler's
+        greedy replies equal `run`'s on that ground already). Only when it saves at least a
+        quarter of the cells it copies: on a GPU, evaluating a few tokens is cheaper than moving
+        a long sequence through host memory."""
+        donor, shared = None, keep
+        for s in self.slots:
+            if s is not slot and s.n_kv > shared:
+                n = min(common_prefix(s.cached[: s.n_kv], tokens), len(tokens) - 1)
+                if n > shared:
+                    donor, shared = s, n
+        if donor is None or (shared - keep) * 4 < donor.n_kv:
+            return keep
+        size = L.llama_state_seq_get_size(self.ctx, donor.seq)
+        state = (ctypes.c_uint8 * size)()
+        if L.llama_state_seq_get_data(self.ctx, state, size, donor.seq) != size:
+            return keep
+        if L.llama_state_seq_set_data(self.ctx, state, size, slot.seq) != size:  # its own cells are gone too
+            L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+            return 0
+        L.llama_memory_seq_rm(self.mem, slot.seq, shared, -1)
+        self.metrics.borrowed_tokens += shared - keep
+        return shared
 
     def _tokens(self, slot: _Slot):
         """The token stream reply_events reads: the slot's freshly sampled token."""
