@@ -107,18 +107,26 @@ def sampling_from(state: State, *, temperature=None, top_p=None, top_k=None, min
 
 
 class Inbox:
-    """The scheduler's events on their way to the event loop, handed over once a step: the
-    scheduler thread collects them (`put`), and its `handover` hook (`flush`, just before the
-    next decode) passes the batch to the loop with one `call_soon_threadsafe`. One wake-up of the
-    loop a step instead of one a token: each is a write to the loop's self-pipe after which both
-    threads want the GIL (at 8 clients on 2 cores, a tenth of the scheduler thread's time went to
-    those writes); made just before a decode, the loop's Python runs while the decode has let the
-    GIL go."""
+    """The scheduler's events on their way to the event loop, handed over in batches: the
+    scheduler thread collects them (`put`), and its `handover` hook (`flush`, just before each
+    decode and before it sleeps) passes a batch to the loop with one `call_soon_threadsafe`.
+
+    Each hand-over is a write to the loop's self-pipe, after which both threads want the GIL,
+    and each batch costs the loop a pass through every stream's response; per token, on 2 cores
+    at 8 clients, a tenth of the scheduler thread's time went to those writes. So a batch goes
+    at most every `INTERVAL` seconds (10 ms: less than a frame of a 60 Hz screen), except that a
+    request's first token, its end and errors go at once (time to the first token is not
+    delayed). A model whose step takes longer than that hands over at every step; a fast one
+    hands over several tokens of a stream together, which `coalesced` writes at once."""
+
+    INTERVAL = 0.010
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.lock = threading.Lock()  # puts come from the scheduler thread, an abandon from a watcher
         self.pending: list[tuple[asyncio.Queue, object]] = []
+        self.urgent = False
+        self.sent = 0.0
 
     @classmethod
     def of(cls, state: State) -> Inbox:
@@ -129,15 +137,17 @@ class Inbox:
             state.scheduler.handover = state.inbox.flush
         return state.inbox
 
-    def put(self, queue: asyncio.Queue, item) -> None:
+    def put(self, queue: asyncio.Queue, item, urgent: bool) -> None:
         with self.lock:
             self.pending.append((queue, item))
+            self.urgent = self.urgent or urgent
 
     def flush(self) -> None:
+        now = time.monotonic()
         with self.lock:
-            if not self.pending:
+            if not self.pending or (not self.urgent and now - self.sent < self.INTERVAL):
                 return
-            batch, self.pending = self.pending, []
+            batch, self.pending, self.urgent, self.sent = self.pending, [], False, now
         try:
             self.loop.call_soon_threadsafe(_deliver, batch)
         except RuntimeError:  # the loop is closed: the server is gone, and nobody waits
@@ -172,7 +182,13 @@ class Run:
                            headers={"Retry-After": str(state.options.retry_after)}) from None
 
     def _emitter(self, inbox: Inbox, index: int):
-        return lambda event: inbox.put(self.queue, (index, event))
+        started = [False]
+
+        def emit(event) -> None:  # on the scheduler thread
+            urgent = not started[0] or not isinstance(event, (Piece, Scored))  # the first token, the end
+            started[0] = started[0] or isinstance(event, Piece)
+            inbox.put(self.queue, (index, event), urgent)
+        return emit
 
     async def tagged(self) -> AsyncIterator[tuple[int, Scored | Piece | Done]]:
         running = len(self.jobs)
@@ -202,6 +218,23 @@ class Run:
             self.finished = True
             for job in self.jobs:
                 self.scheduler.cancel(job)
+
+
+async def coalesced(chunks: AsyncIterator[bytes], run: Run) -> AsyncIterator[bytes]:
+    """A streamed reply's chunks, those made while more of the run's events were already waiting
+    joined into one write (each still its own SSE event or NDJSON line): a batch from the
+    `Inbox` with several tokens of a stream costs one pass through the ASGI stack and one send."""
+    parts = []
+    try:
+        async for part in chunks:
+            parts.append(part)
+            if run.queue.empty():
+                yield b"".join(parts)
+                parts = []
+        if parts:
+            yield b"".join(parts)
+    finally:
+        await chunks.aclose()  # its own cleanup (cancelling the run) now, not when collected
 
 
 async def collect(run: Run, request=None) -> Done:

@@ -24,6 +24,7 @@ from localmix.frontends.server.common import (
     Run,
     State,
     chat_prompt,
+    coalesced,
     collect,
     json_line,
     sampling_from,
@@ -255,7 +256,7 @@ def _ndjson(run: Run, model: str, field: str, plan) -> StreamingResponse:
         finally:
             run.close()
 
-    return StreamingResponse(body(), media_type="application/x-ndjson")
+    return StreamingResponse(coalesced(body(), run), media_type="application/x-ndjson")
 
 
 def _card(state: State) -> dict:

@@ -20,6 +20,7 @@ from localmix.frontends.server.common import (
     ApiError,
     Run,
     State,
+    coalesced,
     collect_all,
     sampling_from,
     sse,
@@ -230,7 +231,7 @@ def event_stream(run: Run, head: dict, kind: str, include_usage: bool, plan, sco
         finally:
             run.close()
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(coalesced(body(), run), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def error_body(e: ApiError) -> JSONResponse:
