@@ -1,17 +1,20 @@
 """Where a step of `localmix serve`'s scheduler goes, at 8 and 16 clients, without HTTP.
 
 The scheduler (localmix/runtime/scheduler.py) runs in this process on a GGUF (the tiny test
-Mixtral unless --model); C client threads each submit `--requests` chat prompts in a row
-(temperature 0.8, a per-request seed, `--max-tokens` tokens) and wait for each reply. The
-scheduler's own methods are wrapped with timers (perf_counter, a few microseconds a call, not
-a profiler's per-call overhead), which split its thread's time into: `llama_decode`; sampling
-(`_sample`: the llama.cpp sampler chain per sequence, through ctypes); handing each token out
-(`reply_events`' detokenising and stop checks); building the batch and the rest of a step
-(each job's callback, finishing and freeing slots, the fork copies); admitting waiting requests; and idle time waiting for work. With
-`--cprofile` the scheduler thread also runs under cProfile and its top functions are printed.
+Mixtral unless --model), its loop on the thread that loaded the model as serve's does
+(`--other-thread`: on another, which shows what that costs); C client threads each submit
+`--requests` chat prompts in a row (temperature 0.8, a per-request seed, `--max-tokens`
+tokens, `--repeat-penalty`) and wait for each reply. The scheduler's own methods are wrapped
+with timers (perf_counter, a few microseconds a call, not a profiler's per-call overhead),
+which split its thread's time into: `llama_decode`; sampling (`_sample`: the llama.cpp sampler
+chain per sequence, through ctypes); handing each token out (`reply_events`' detokenising and
+stop checks); building the batch and the rest of a step (each job's callback, finishing and
+freeing slots, the fork copies); admitting waiting requests; and idle time waiting for work.
+With `--cprofile` the scheduler thread also runs under cProfile and its top functions are
+printed.
 
     python benchmarks/profile_serve.py [--model FILE.gguf] [--clients 8,16] [--parallel 8] [--threads 2]
-                                       [--flash-attn on|off|auto]
+                                       [--flash-attn on|off|auto] [--repeat-penalty 1.1] [--other-thread]
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ class Timers:
         setattr(owner, name, timed)
 
 
-def profile(engine, clients: int, parallel: int, requests: int, max_tokens: int, use_cprofile: bool) -> dict:
+def profile(engine, clients: int, parallel: int, requests: int, max_tokens: int, use_cprofile: bool,
+            other_thread: bool = False, repeat_penalty: float = 1.1) -> dict:
     timers = Timers()
     # timers on the class and on the llama_cpp module the scheduler calls through
     saved = {n: getattr(sched.Scheduler, n) for n in ("_step", "_sample", "_admit", "_next_event")}
@@ -77,7 +81,8 @@ def profile(engine, clients: int, parallel: int, requests: int, max_tokens: int,
     sched.Scheduler._loop = loop_profiled
     try:
         # the engine context stays (the next count needs it); the loop runs on this thread, which
-        # loaded the model, as serve's does (two threads that compute slow llama.cpp's OpenMP down)
+        # loaded the model, as serve's does (two threads that compute slow llama.cpp's OpenMP
+        # down), or with `other_thread` on a thread of its own, to show that
         s = sched.Scheduler(engine.llm, parallel=parallel, n_ctx=1024, queue_size=64, thread=False)
         prompts = [conversation_tokens(engine, [{"role": "user", "content": f"Client {k} asks question {r}: "
                                                  "tell me a story."}]) for k in range(clients) for r in range(requests)]
@@ -86,8 +91,9 @@ def profile(engine, clients: int, parallel: int, requests: int, max_tokens: int,
         def client(k: int):
             for r in range(requests):
                 q = queue.Queue()
-                s.submit(sched.Job(prompts[k * requests + r], Sampling(temperature=0.8, max_tokens=max_tokens,
-                                                                       seed=1000 * k + r), q.put))
+                sampling = Sampling(temperature=0.8, max_tokens=max_tokens, seed=1000 * k + r,
+                                    repeat_penalty=repeat_penalty)
+                s.submit(sched.Job(prompts[k * requests + r], sampling, q.put))
                 while not isinstance(event := q.get(timeout=600), Done):
                     if isinstance(event, Exception):
                         raise event
@@ -105,8 +111,14 @@ def profile(engine, clients: int, parallel: int, requests: int, max_tokens: int,
             s.close()  # run() below returns
         for t in threads:
             t.start()
-        threading.Thread(target=watch).start()
-        s.run()
+        if other_thread:
+            loop_thread = threading.Thread(target=s.run)
+            loop_thread.start()
+            watch()
+            loop_thread.join()
+        else:
+            threading.Thread(target=watch).start()
+            s.run()
         wall, steps = timing["wall"], timing["steps"]
     finally:
         for n, f in saved.items():
@@ -134,6 +146,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--flash-attn", default="auto", choices=("on", "off", "auto"),
                     help="llama.cpp's flash attention, as serve's --flash-attn (default: auto)")
+    ap.add_argument("--repeat-penalty", type=float, default=1.1, help="the requests' (1.1: serve's default)")
+    ap.add_argument("--other-thread", action="store_true",
+                    help="run the scheduler's loop on a thread other than the one that loaded the model (serve "
+                         "does not: llama.cpp's OpenMP threads slow down)")
     ap.add_argument("--cprofile", action="store_true", help="also print cProfile's top functions (slows Python)")
     ap.add_argument("--report", type=Path, help="also write the table to this Markdown file (benchmarks/report.py)")
     args = ap.parse_args()
@@ -145,7 +161,8 @@ def main() -> None:
               "admit", "idle"]
     rows = []
     for clients in (int(c) for c in args.clients.split(",")):
-        r = profile(engine, clients, args.parallel, args.requests, args.max_tokens, args.cprofile)
+        r = profile(engine, clients, args.parallel, args.requests, args.max_tokens, args.cprofile, args.other_thread,
+                    args.repeat_penalty)
         step, n = r.get("step", 0.0), max(r["steps"], 1)
         rest = step - r.get("decode", 0) - r.get("sampling", 0) - r.get("events", 0)
 
@@ -158,7 +175,9 @@ def main() -> None:
         if "cprofile" in r:
             print(f"--- cProfile, {clients} clients (scheduler thread, by own time) ---\n{r['cprofile']}")
     caption = (f"{model.name}, {args.threads} threads, --parallel {args.parallel}, {args.requests} request(s) per "
-               f"client, {args.max_tokens} tokens each; per step: ms (share of the wall time); load average "
+               f"client, {args.max_tokens} tokens each, repeat penalty {args.repeat_penalty}, the loop on "
+               f"{'another thread than' if args.other_thread else 'the thread'} that loaded the model; "
+               "per step: ms (share of the wall time); load average "
                f"{os.getloadavg()[0]:.1f}")
     print(caption)
     for line in [header, ["---"] * len(header), *rows]:

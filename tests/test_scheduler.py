@@ -239,3 +239,56 @@ def test_a_prefix_another_slot_holds_is_copied_not_evaluated(engine):
         assert done.text == solo.text
     finally:
         alone.close()
+
+
+def test_no_prefix_is_copied_from_a_fork_whose_own_copy_is_still_pending(engine):
+    """A fork (`n` > 1) gets its leader's cache at the next llama_decode; a request admitted
+    before that must not copy the fork's cells (they still hold the slot's old data): the
+    soak caught such a reply, wrong from its first token. Driven step by step so the fork sits
+    in a lower slot than its leader and is the first candidate donor."""
+    system = {"role": "system", "content": "You answer questions about colours. " * 30}
+    prompt = conversation_tokens(engine, [system, {"role": "user", "content": "Name three colours"}])
+    other = conversation_tokens(engine, [system, {"role": "user", "content": "Which colour is the sky?"}])
+    s = Scheduler(engine.llm, parallel=3, n_ctx=1024, thread=False)
+
+    def step():
+        with s._wake:
+            s._admit()
+        s._step()
+
+    def until_done(q: queue.Queue) -> Done:
+        for _ in range(500):
+            step()
+            events = []
+            while not q.empty():
+                events.append(q.get())
+            if any(isinstance(e, Done) for e in events):
+                return next(e for e in events if isinstance(e, Done))
+        raise AssertionError("no Done")
+    try:
+        busy, keep, b = queue.Queue(), queue.Queue(), queue.Queue()
+        unrelated = Job(conversation_tokens(engine, [{"role": "user", "content": "Count to a hundred"}]),
+                        Sampling(temperature=0, max_tokens=500), busy.put)
+        s.submit(unrelated)
+        step()                                                      # slot 0: an unrelated cache
+        s.submit(Job(prompt[:-4], Sampling(temperature=0, max_tokens=1), keep.put))
+        until_done(keep)                                            # slot 1: a prefix of `prompt`
+        s.cancel(unrelated)
+        step()                                                      # slot 0 free, its old cells kept
+        assert s.slots[0].job is None and s.slots[1].job is None
+        lead, fork = queue.Queue(), queue.Queue()
+        sampling = Sampling(temperature=0, max_tokens=200)
+        s.submit(Job(prompt, sampling, lead.put), Job(prompt, sampling, fork.put))
+        step()                                                      # the prompt is in; the fork's copy waits
+        assert s.slots[1].job is not None and s.slots[0].leader is None and s.slots[0].job is not None
+        s.submit(Job(other, GREEDY, b.put))
+        done = until_done(b)
+    finally:
+        s.close()
+    alone = Scheduler(engine.llm, parallel=2, n_ctx=1024)
+    try:
+        q = queue.Queue()
+        alone.submit(Job(other, GREEDY, q.put))
+        assert done.text == wait(q).text
+    finally:
+        alone.close()

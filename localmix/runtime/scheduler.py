@@ -7,15 +7,17 @@ others back and a cancelled one stops within a step) and each generating slot's 
 calls `llama_decode` once, and samples every slot whose logits came out with its own
 `llama_sampler` chain (the chain llama-cpp-python's `Llama.generate` builds, so greedy picks
 equal `localmix run`'s; its logit bias and repeat penalty are applied by `_Edits`, which gives
-the same bits touching only the logits that change). Sampled tokens become `Piece`/`Done` events through the same
-`reply_events` as every engine, and are handed to the request's callback.
+the same bits touching only the logits that change). Sampled tokens become `Piece`/`Done`
+events through the same `reply_events` as every engine, and are handed to the request's
+callback.
 
 A slot keeps the tokens of its last request in its part of the KV cache; a new request goes to
 the free slot sharing the longest prefix with it (chat clients resend the conversation), and
 only the rest is evaluated. When another slot, busy or free, holds a longer prefix (a system
 prompt every conversation starts with), that slot's cells are copied into the new one
-(`_borrow`) rather than evaluated again, as llama-server's prompt cache does. Requests beyond the slots wait in a bounded queue; `submit` on a
-full queue raises `Busy`. Nothing here knows of HTTP.
+(`_borrow`) rather than evaluated again, as llama-server's prompt cache does. Requests beyond
+the slots wait in a bounded queue; `submit` on a full queue raises `Busy`. Nothing here knows
+of HTTP.
 
 Several choices of one prompt (OpenAI's `n`) are one group, `submit(job, *forks)`, admitted
 when it has a slot each: the first job's slot evaluates the prompt; the forks' slots wait, and
@@ -222,6 +224,10 @@ class Scheduler:
         self.handover: Callable[[], None] | None = None
         self._running = False
         self._done = threading.Event()  # the loop has returned
+        # a fork's copy of its leader's cache (llama_memory_seq_cp across streams) is made at the
+        # next llama_decode; until then the fork's cells hold other data, which _borrow must not
+        # read, nor write into a slot that copy would then overwrite
+        self._copies_pending = False
         if thread:
             self._running = True
             threading.Thread(target=self.run, name="localmix-scheduler", daemon=True).start()
@@ -386,7 +392,10 @@ class Scheduler:
         give, since a token's row does not depend on what else its batch held (the scheduler's
         greedy replies equal `run`'s on that ground already). Only when it saves at least a
         quarter of the cells it copies: on a GPU, evaluating a few tokens is cheaper than moving
-        a long sequence through host memory."""
+        a long sequence through host memory. Not while a fork's copy waits for the next decode
+        (`_copies_pending`)."""
+        if self._copies_pending:
+            return keep
         donor, shared = None, keep
         for s in self.slots:
             if s is not slot and s.n_kv > shared:
@@ -536,9 +545,11 @@ class Scheduler:
         self.metrics.decode_seconds += time.perf_counter() - t0
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
+        self._copies_pending = False  # llama_decode has made the forks' copies (memory_update, first thing)
         for s, row in list(rows):
             for f in s.forks:  # the prompt is in: copy its cache to the forks, which sample the same row
                 L.llama_memory_seq_cp(self.mem, s.seq, f.seq, -1, -1)
+                self._copies_pending = True
                 f.cached, f.n_kv, f.leader = list(s.cached), s.n_kv, None
                 rows.append((f, row))
             s.forks = []
