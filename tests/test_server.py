@@ -244,6 +244,26 @@ def test_eight_clients_four_slots_interleave(server):
     assert after["decode_steps_total"] - before["decode_steps_total"] < sum(len(t) for _, t in results)
 
 
+def test_a_kept_alive_connection_outlives_the_clients_own_keep_alive(server):
+    """httpx (the openai, ollama and mistralai clients) keeps an idle connection 5 s; the server
+    keeps it longer, so a client never sends on a connection the server is closing that moment
+    (with uvicorn's default 5 s the soak met a "connection reset"). After 6 idle seconds the
+    same socket still answers."""
+    import socket
+
+    request = (f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        for _ in range(2):
+            sock.sendall(request)
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                chunk = sock.recv(4096)
+                assert chunk, "the server closed the kept-alive connection"
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200")
+            time.sleep(6)
+
+
 def test_disconnects_stop_the_sequence(server):
     """Mid-stream and mid-prompt disconnects stop their sequence within one step; the next request is served."""
     before = server.metrics()

@@ -185,8 +185,9 @@ class Run:
         started = [False]
 
         def emit(event) -> None:  # on the scheduler thread
-            urgent = not started[0] or not isinstance(event, (Piece, Scored))  # the first token, the end
-            started[0] = started[0] or isinstance(event, Piece)
+            # until the first text (a first token may show none yet), the end, errors: at once
+            urgent = not started[0] or not isinstance(event, (Piece, Scored))
+            started[0] = started[0] or (isinstance(event, Piece) and bool(event.text))
             inbox.put(self.queue, (index, event), urgent)
         return emit
 

@@ -120,8 +120,12 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
     announce(f"localmix serving {options.model_name} ({path}) at http://{shown}:{port}  "
              f"({'chat page: /, ' if options.webui else ''}OpenAI: /v1, ollama: /api, {parallel} slot(s){' (memory allows them; --parallel sets it)' if chosen else ''}"
              f"{', API key required' if options.api_key else ''})")
+    # An idle kept-alive connection is closed after 65 s, longer than clients keep one (httpx, and
+    # so the openai, ollama and mistralai clients: 5 s). With uvicorn's 5 s, equal to theirs, a
+    # client could send its next request on a connection the server was closing that moment and
+    # get "connection reset" (the soak met one in 20441 requests).
     config = uvicorn.Config(app, host=host.strip("[]"), port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5, lifespan="on")
+                            timeout_graceful_shutdown=5, timeout_keep_alive=65, lifespan="on")
     server = uvicorn.Server(config)
     # HTTP in a thread, the model loaded and the scheduler run in another (/health says 503 until
     # it is loaded); the main thread gets the signals, even while llama.cpp waits on a lost worker.
