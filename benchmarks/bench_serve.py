@@ -6,7 +6,9 @@ llama-cpp-python: the same llama.cpp commit localmix runs).
 
 1, 4 and 8 clients (and 16 against llama-server) stream chat completions at once (each
 `--requests` in a row, `--max-tokens` tokens, temperature 0.8 with a per-request seed, so the
-replies differ). Every request names its whole sampling so that both servers run the same chain:
+replies differ; the prompt names the client count, so no prompt repeats an earlier
+measurement's and no server answers from its cache of whole earlier prompts: llama-server keeps
+one in RAM, localmix what its slots hold). Every request names its whole sampling so that both servers run the same chain:
 top_k 40, top_p 0.95, min_p 0.05 (the three servers' defaults) and `--repeat-penalty` (default
 1.0, llama-server's default; localmix's and llama-cpp-python's is 1.1). Reported: total generated tokens per second over the wall time, the p50/p99
 time to the first token, and each server's peak resident memory (VmHWM of its own process, from
@@ -81,12 +83,12 @@ def start(cmd: list[str], port: int, log: Path, ready: str, cpus: int | None = N
     raise SystemExit(f"{cmd[:4]} did not come up")
 
 
-async def client(http: httpx.AsyncClient, model: str, k: int, requests: int, max_tokens: int, ttfts: list, counts: list,
-                 repeat_penalty: float):
+async def client(http: httpx.AsyncClient, model: str, k: int, clients: int, requests: int, max_tokens: int,
+                 ttfts: list, counts: list, repeat_penalty: float):
     for r in range(requests):
         body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0.8, "seed": 1000 * k + r,
                 "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": repeat_penalty,
-                "messages": [{"role": "user", "content": f"Client {k} asks question {r}: tell me a story."}]}
+                "messages": [{"role": "user", "content": f"Client {k} of {clients} asks question {r}: tell me a story."}]}
         t0, first, n = time.perf_counter(), None, 0
         async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
             async for line in resp.aiter_lines():
@@ -107,7 +109,7 @@ def measure(url: str, model: str, clients: int, requests: int, max_tokens: int, 
         no_reuse = httpx.Limits(max_keepalive_connections=0)  # see the module's docstring
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=no_reuse) as http:
             t0 = time.perf_counter()
-            await asyncio.gather(*(client(http, model, k, requests, max_tokens, ttfts, counts, repeat_penalty) for k in range(clients)))
+            await asyncio.gather(*(client(http, model, k, clients, requests, max_tokens, ttfts, counts, repeat_penalty) for k in range(clients)))
             wall = time.perf_counter() - t0
         return {"wall": wall, "ttfts": ttfts, "tokens": sum(counts)}
     return asyncio.run(main())

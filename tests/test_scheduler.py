@@ -15,7 +15,7 @@ import pytest
 from localmix.frontends.load import open_engine
 from localmix.frontends.oneshot import conversation_tokens
 from localmix.runtime.scheduler import _TOKEN_DATA, Busy, Job, Scheduler, _Edits
-from localmix.runtime.stream import Done, Piece, Sampling
+from localmix.runtime.stream import Done, Piece, Sampling, common_prefix
 
 GREEDY = Sampling(temperature=0, max_tokens=12)
 
@@ -292,3 +292,44 @@ def test_no_prefix_is_copied_from_a_fork_whose_own_copy_is_still_pending(engine)
         assert done.text == wait(q).text
     finally:
         alone.close()
+
+
+def test_cells_a_new_request_drops_are_kept_in_ram_and_restored(engine):
+    """One slot, two conversations taking turns: with `cache_bytes` the first conversation's
+    cells, dropped when the second takes the slot, come back from RAM for its next turn (only
+    the new tokens are evaluated, the greedy reply is the same as without the cache); the least
+    recently used entry goes when the bound is reached; without a bound nothing is kept."""
+    system = {"role": "system", "content": "You answer questions about colours. " * 30}
+    ask = [system, {"role": "user", "content": "Name three colours"}]
+    first = conversation_tokens(engine, ask)
+    other = conversation_tokens(engine, [{"role": "user", "content": "Count to ten " * 40}])
+    again = conversation_tokens(engine, ask + [{"role": "assistant", "content": "Red, green, blue."},
+                                               {"role": "user", "content": "And a fourth?"}])
+    shared = common_prefix(first, again)
+    own = common_prefix(other, again)  # what the slot still holds after `other` (BOS, [INST])
+
+    def turns(cache_bytes: int) -> tuple[Done, Scheduler]:
+        s = Scheduler(engine.llm, parallel=1, n_ctx=1024, cache_bytes=cache_bytes)
+        for tokens in (first, other, again):
+            q = queue.Queue()
+            s.submit(Job(tokens, GREEDY, q.put))
+            done = wait(q)
+        return done, s
+
+    cached, s = turns(64 << 20)
+    try:
+        assert cached.prompt_evaluated == len(again) - shared and s.metrics.borrowed_tokens == shared - own
+        assert len(s.saved) == 2 and s.metrics.saved_bytes > 0  # `first`, then `other` when `again` came
+    finally:
+        s.close()
+    plain, s = turns(0)
+    try:
+        assert plain.prompt_evaluated == len(again) - own and not s.saved
+        assert cached.text == plain.text
+    finally:
+        s.close()
+    small, s = turns(1)  # too small for any entry
+    try:
+        assert not s.saved and small.prompt_evaluated == len(again) - own
+    finally:
+        s.close()

@@ -210,6 +210,8 @@ def test_non_loopback_bind_needs_a_key(converted):
     r = run_localmix("serve", converted("mixtral", "Q8_0"), "--host", "0.0.0.0", "--port", "1",
                      env={k: v for k, v in os.environ.items() if k != "LOCALMIX_API_KEY"})
     assert r.returncode == 2 and "--api-key" in r.stderr and "Traceback" not in r.stderr
+    r = run_localmix("serve", converted("mixtral", "Q8_0"), "--cache-ram", "lots", "--port", "1")
+    assert r.returncode == 2 and "'lots'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_eight_clients_four_slots_interleave(server):

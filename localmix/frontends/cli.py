@@ -112,6 +112,8 @@ def serve(
     allow_host: list[str] = typer.Option(None, "--allow-host", help="Accept this Host header too (repeatable)."),
     max_body: int = typer.Option(4 << 20, "--max-body", min=1024, help="Largest request body, in bytes."),
     queue: int = typer.Option(16, "--queue", min=0, help="Requests that may wait for a slot; more get 503."),
+    cache_ram: str = typer.Option("1GiB", "--cache-ram", help="RAM for the KV cells of earlier requests that no "
+                                  "slot holds any more, reused by a prompt that starts with them (0: none)."),
     alias: str = typer.Option(None, "--alias", help="The model's name in the API \\[default: the file's stem]."),
     webui: bool = typer.Option(True, "--webui/--no-webui", help="Serve the chat page at /."),
     load: Load = None, sampling: Sampling = None,
@@ -123,7 +125,7 @@ def serve(
     path = model_path(model)
     options = Options(model_name=alias or path.stem, api_key=api_key, cors=tuple(cors or ()), max_body=max_body,
                       sampling=sampling, webui=webui)
-    run_server(path, options, host=host, port=port, parallel=parallel, queue=queue, load=load,
+    run_server(path, options, host=host, port=port, parallel=parallel, queue=queue, cache_ram=cache_ram, load=load,
                allow_hosts=tuple(allow_host or ()), announce=lambda line: print(line, file=sys.stderr, flush=True))
 
 

@@ -15,9 +15,12 @@ A slot keeps the tokens of its last request in its part of the KV cache; a new r
 the free slot sharing the longest prefix with it (chat clients resend the conversation), and
 only the rest is evaluated. When another slot, busy or free, holds a longer prefix (a system
 prompt every conversation starts with), that slot's cells are copied into the new one
-(`_borrow`) rather than evaluated again, as llama-server's prompt cache does. Requests beyond
-the slots wait in a bounded queue; `submit` on a full queue raises `Busy`. Nothing here knows
-of HTTP.
+(`_borrow`) rather than evaluated again. A slot's cells that a new request is about to drop
+are kept in RAM first (`_save`, up to `cache_bytes`, least recently used out first), and a
+later prompt that starts with them gets them back the same way: a conversation whose slot was
+taken by others, a regenerated reply. That is llama-server's prompt cache (`--cache-ram`).
+Requests beyond the slots wait in a bounded queue; `submit` on a full queue raises `Busy`.
+Nothing here knows of HTTP.
 
 Several choices of one prompt (OpenAI's `n`) are one group, `submit(job, *forks)`, admitted
 when it has a slot each: the first job's slot evaluates the prompt; the forks' slots wait, and
@@ -157,7 +160,8 @@ class Metrics:
     cancelled: int = 0
     prompt_tokens: int = 0        # evaluated (not from the cache)
     cached_tokens: int = 0        # prompt tokens reused from a slot's cache (its own or copied in)
-    borrowed_tokens: int = 0      # of which copied from another slot's (`_borrow`)
+    borrowed_tokens: int = 0      # of which copied from another slot's or from RAM (`_borrow`)
+    saved_bytes: int = 0          # cells of earlier requests kept in RAM (`_save`)
     generated_tokens: int = 0
     steps: int = 0
     max_batch_sequences: int = 0  # the most sequences one llama_decode has served
@@ -177,12 +181,14 @@ class Scheduler:
     Scheduler and calls `run` on one thread (frontends/server/run.py)."""
 
     def __init__(self, llm, parallel: int = 1, n_ctx: int = 2048, queue_size: int = 16, chunk: int = 128,
-                 n_threads: int | None = None, release_engine_context: bool = False, thread: bool = True):
+                 n_threads: int | None = None, release_engine_context: bool = False, thread: bool = True,
+                 cache_bytes: int = 0):
         """`llm` is a loaded llama_cpp.Llama; its model (weights) is shared, a context of our own
         holds `parallel` sequences of `n_ctx` tokens each. `release_engine_context` frees the
         Llama's own context (its KV cache) once ours exists, so the memory holds one, not two:
         for a server, whose engine then only tokenizes; `llm` can no longer generate.
-        `thread=False`: no thread is started; the caller runs the loop with `run()`."""
+        `thread=False`: no thread is started; the caller runs the loop with `run()`.
+        `cache_bytes`: RAM for the cells of earlier requests no slot holds any more (0: none)."""
         self.llm, self.parallel, self.n_ctx, self.chunk, self.queue_size = llm, parallel, n_ctx, chunk, queue_size
         # The Llama's own context is not used here, but until it has decoded once its CPU
         # thread pool keeps polling for work and starves ours (measured: 40 s instead of 0.06 s
@@ -228,6 +234,8 @@ class Scheduler:
         # next llama_decode; until then the fork's cells hold other data, which _borrow must not
         # read, nor write into a slot that copy would then overwrite
         self._copies_pending = False
+        self.cache_bytes = cache_bytes
+        self.saved: collections.OrderedDict[tuple[int, ...], ctypes.Array] = collections.OrderedDict()  # LRU first
         if thread:
             self._running = True
             threading.Thread(target=self.run, name="localmix-scheduler", daemon=True).start()
@@ -369,9 +377,12 @@ class Scheduler:
     def _start(self, slot: _Slot, job: Job, samplers: tuple, leader: _Slot | None) -> None:
         if leader is None:
             keep = min(common_prefix(slot.cached, job.tokens), len(job.tokens) - 1)  # evaluate >= 1 token for logits
+            if keep < slot.n_kv:
+                self._save(slot)  # the cells past `keep` are about to go
             keep = self._borrow(slot, job.tokens, keep)
             slot.cached, slot.n_kv, slot.todo = job.tokens[:keep], keep, job.tokens[keep:]
         else:  # its cache is dropped now and becomes a copy of the leader's when its prompt is done
+            self._save(slot)
             keep = len(job.tokens)
             slot.cached, slot.n_kv, slot.todo, slot.leader = [], 0, [], leader
             leader.forks.append(slot)
@@ -385,10 +396,10 @@ class Scheduler:
         self.metrics.cached_tokens += keep
 
     def _borrow(self, slot: _Slot, tokens: list[int], keep: int) -> int:
-        """How much of `tokens` `slot` holds once a longer prefix held by another slot is copied
-        in (`keep`, what it holds of its own, when none is). The copy goes through llama.cpp's
-        sequence state (`llama_state_seq_get_data`/`set_data`: every cell of the other sequence,
-        trimmed after): bit for bit the keys and values that evaluating the prefix here would
+        """How much of `tokens` `slot` holds once a longer prefix held by another slot, or kept
+        in RAM by `_save`, is copied in (`keep`, what it holds of its own, when none is). The
+        copy goes through llama.cpp's sequence state (`llama_state_seq_get_data`/`set_data`:
+        every cell of the other sequence, trimmed after): bit for bit the keys and values that evaluating the prefix here would
         give, since a token's row does not depend on what else its batch held (the scheduler's
         greedy replies equal `run`'s on that ground already). Only when it saves at least a
         quarter of the cells it copies: on a GPU, evaluating a few tokens is cheaper than moving
@@ -396,24 +407,59 @@ class Scheduler:
         (`_copies_pending`)."""
         if self._copies_pending:
             return keep
-        donor, shared = None, keep
+        donor, shared, length = None, keep, 0
         for s in self.slots:
             if s is not slot and s.n_kv > shared:
                 n = min(common_prefix(s.cached[: s.n_kv], tokens), len(tokens) - 1)
                 if n > shared:
-                    donor, shared = s, n
-        if donor is None or (shared - keep) * 4 < donor.n_kv:
+                    donor, shared, length = s, n, s.n_kv
+        for saved in self.saved:
+            if len(saved) > shared:
+                n = min(common_prefix(saved, tokens), len(tokens) - 1)
+                if n > shared:
+                    donor, shared, length = saved, n, len(saved)
+        if donor is None or (shared - keep) * 4 < length:
             return keep
-        size = L.llama_state_seq_get_size(self.ctx, donor.seq)
-        state = (ctypes.c_uint8 * size)()
-        if L.llama_state_seq_get_data(self.ctx, state, size, donor.seq) != size:
-            return keep
+        if isinstance(donor, tuple):  # kept in RAM
+            self.saved.move_to_end(donor)
+            state = self.saved[donor]
+            size = len(state)
+        else:
+            size = L.llama_state_seq_get_size(self.ctx, donor.seq)
+            state = (ctypes.c_uint8 * size)()
+            if L.llama_state_seq_get_data(self.ctx, state, size, donor.seq) != size:
+                return keep
         if L.llama_state_seq_set_data(self.ctx, state, size, slot.seq) != size:  # its own cells are gone too
             L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
             return 0
         L.llama_memory_seq_rm(self.mem, slot.seq, shared, -1)
         self.metrics.borrowed_tokens += shared - keep
         return shared
+
+    def _save(self, slot: _Slot) -> None:
+        """Keep the slot's cells in RAM (`saved`, by their tokens) before they are dropped, unless
+        a kept entry already starts with them; the least recently used go first past
+        `cache_bytes`. Not while a fork's copy is pending (the slot's cells may not hold its tokens
+        yet), nor for fewer than 16 cells (evaluating them again is cheap)."""
+        if self.cache_bytes <= 0 or self._copies_pending or slot.n_kv < 16:
+            return
+        tokens = tuple(slot.cached[: slot.n_kv])
+        for saved in list(self.saved):
+            if saved[: len(tokens)] == tokens:   # held already, or a longer one is
+                self.saved.move_to_end(saved)
+                return
+            if tokens[: len(saved)] == saved:    # this one holds all of that one
+                del self.saved[saved]
+        size = L.llama_state_seq_get_size(self.ctx, slot.seq)
+        if size > self.cache_bytes:
+            return
+        state = (ctypes.c_uint8 * size)()
+        if L.llama_state_seq_get_data(self.ctx, state, size, slot.seq) != size:
+            return
+        self.saved[tokens] = state
+        while sum(len(s) for s in self.saved.values()) > self.cache_bytes:
+            self.saved.popitem(last=False)
+        self.metrics.saved_bytes = sum(len(s) for s in self.saved.values())
 
     def _tokens(self, slot: _Slot):
         """The token stream reply_events reads: the slot's freshly sampled token."""

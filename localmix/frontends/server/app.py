@@ -237,7 +237,10 @@ def prometheus(state: State) -> str:
         metric("prompt_tokens_cached_total", "counter", "Prompt tokens reused from a slot's KV cache.",
                [({}, m.cached_tokens)])
         metric("prompt_tokens_borrowed_total", "counter",
-               "Of the cached prompt tokens, those copied from another slot's KV cache.", [({}, m.borrowed_tokens)])
+               "Of the cached prompt tokens, those copied from another slot's KV cache or from RAM.",
+               [({}, m.borrowed_tokens)])
+        metric("prompt_cache_bytes", "gauge", "KV cells of earlier requests kept in RAM (--cache-ram).",
+               [({}, m.saved_bytes)])
         metric("generated_tokens_total", "counter", "Tokens generated.", [({}, m.generated_tokens)])
         metric("cancelled_total", "counter", "Generations cancelled (client gone, shutdown).", [({}, m.cancelled)])
         metric("cancel_lag_steps_max", "gauge", "Most decode steps between a cancel and its slot being freed.",

@@ -55,7 +55,7 @@ def auto_parallel(path: Path, load: Load) -> tuple[int, Load]:
 
 def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 8080, parallel: int | None = None,
           queue: int = 16, chunk: int = 128, load: Load | None = None, allow_hosts: tuple[str, ...] = (),
-          announce=print) -> None:
+          announce=print, cache_ram: str = "1GiB") -> None:
     """Serve the model at `path` on host:port until SIGINT/SIGTERM; `load` says how to open it
     (the llama.cpp engine, `parallel` sequences of `load.ctx` tokens; None: `auto_parallel`)."""
     import uvicorn
@@ -69,6 +69,9 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
                          "to serve there, or keep the default 127.0.0.1")
     if parallel is not None and parallel < 1:
         raise InputError("--parallel must be at least 1")
+    from localmix.runtime.devices import parse_size
+
+    cache_bytes = parse_size(cache_ram)  # a clean error now, not after loading
     extra = {host.lower(), *(h.lower() for h in allow_hosts)}
     if not is_loopback(host) and host not in ("0.0.0.0", "::"):
         extra.add(f"[{host}]" if ":" in host else host)
@@ -104,7 +107,7 @@ def serve(path: Path, options: Options, host: str = "127.0.0.1", port: int = 808
                                  on_lost=lambda gone, message: lost(state, gone, workers))
             state.engine = engine
             scheduler = Scheduler(engine.llm, parallel=parallel, n_ctx=engine.n_ctx, queue_size=queue, chunk=chunk,
-                                  release_engine_context=True, thread=False)
+                                  release_engine_context=True, thread=False, cache_bytes=cache_bytes)
         except Exception as e:  # shown on /health and in the log; the server keeps answering
             state.load_error = f"the model failed to load: {e}"
             log.error(state.load_error)
