@@ -18,8 +18,9 @@ greedy reply must equal its solo reply. At the end:
   (the first quarter of the run), the mean of the last quarter's samples may exceed the mean of
   the second quarter's by at most `--rss-bound` MiB. The KV cache and the weights are mapped
   before the first request; what may still move is the allocator's arenas (one per thread that
-  serves requests) settling, and a bounded set of metrics labels; a leak of one reply's text
-  per request grows without bound and shows as a trend;
+  serves requests) settling, a bounded set of metrics labels, and the RAM prompt cache, which
+  the server is started with at 8 MiB (`--cache-ram`, within the bound); a leak of one reply's
+  text per request grows without bound and shows as a trend;
 - `/metrics`: every slot free (no active sequence, nothing queued) once the clients stop;
 - no traceback in the server's log.
 
@@ -298,7 +299,7 @@ def serve(model: Path, work: Path, parallel: int, ctx: int, queue: int, cpus: in
     port, log = free_port(), work / "server.log"
     env = {k: v for k, v in os.environ.items() if k != "LOCALMIX_API_KEY"}
     cmd = [sys.executable, "-m", "localmix", "serve", str(model), "--parallel", str(parallel), "--ctx", str(ctx),
-           "--queue", str(queue), "--alias", MODEL, "--port", str(port)]
+           "--queue", str(queue), "--alias", MODEL, "--port", str(port), "--cache-ram", "8MiB"]
     return start(cmd, port, log, "/health", cpus, env), f"http://127.0.0.1:{port}", log
 
 

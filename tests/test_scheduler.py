@@ -294,7 +294,7 @@ def test_no_prefix_is_copied_from_a_fork_whose_own_copy_is_still_pending(engine)
         alone.close()
 
 
-def test_cells_a_new_request_drops_are_kept_in_ram_and_restored(engine):
+def test_cells_a_new_request_drops_are_kept_in_ram_and_restored(engine, monkeypatch):
     """One slot, two conversations taking turns: with `cache_bytes` the first conversation's
     cells, dropped when the second takes the slot, come back from RAM for its next turn (only
     the new tokens are evaluated, the greedy reply is the same as without the cache); the least
@@ -331,5 +331,13 @@ def test_cells_a_new_request_drops_are_kept_in_ram_and_restored(engine):
     small, s = turns(1)  # too small for any entry
     try:
         assert not s.saved and small.prompt_evaluated == len(again) - own
+    finally:
+        s.close()
+    monkeypatch.setattr(Scheduler, "SAVED", 1)  # `other`'s entry pushes `first`'s out
+    one, s = turns(64 << 20)
+    try:
+        (key,) = s.saved
+        assert key[: len(other)] == tuple(other)  # `other` and its reply
+        assert one.prompt_evaluated == len(again) - own
     finally:
         s.close()

@@ -96,6 +96,13 @@ class _Edits:
             logits[self.bias_ids] = saved_bias
 
 
+def _prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many tokens two arrays share from the start."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
 class Busy(Exception):
     """Every slot is busy and the queue is full."""
 
@@ -235,7 +242,10 @@ class Scheduler:
         # read, nor write into a slot that copy would then overwrite
         self._copies_pending = False
         self.cache_bytes = cache_bytes
-        self.saved: collections.OrderedDict[tuple[int, ...], ctypes.Array] = collections.OrderedDict()  # LRU first
+        # cells kept in RAM (`_save`): their tokens -> (the tokens as an array, llama.cpp's sequence
+        # state), least recently used first; at most SAVED entries, each looked at per admission
+        self.saved: collections.OrderedDict[tuple[int, ...], tuple[np.ndarray, ctypes.Array]] = \
+            collections.OrderedDict()
         if thread:
             self._running = True
             threading.Thread(target=self.run, name="localmix-scheduler", daemon=True).start()
@@ -413,16 +423,18 @@ class Scheduler:
                 n = min(common_prefix(s.cached[: s.n_kv], tokens), len(tokens) - 1)
                 if n > shared:
                     donor, shared, length = s, n, s.n_kv
-        for saved in self.saved:
-            if len(saved) > shared:
-                n = min(common_prefix(saved, tokens), len(tokens) - 1)
-                if n > shared:
-                    donor, shared, length = saved, n, len(saved)
+        if self.saved:
+            wanted = np.asarray(tokens, dtype=np.int32)
+            for key, (held, _) in self.saved.items():
+                if len(held) > shared:
+                    n = min(_prefix(held, wanted), len(tokens) - 1)
+                    if n > shared:
+                        donor, shared, length = key, n, len(held)
         if donor is None or (shared - keep) * 4 < length:
             return keep
         if isinstance(donor, tuple):  # kept in RAM
             self.saved.move_to_end(donor)
-            state = self.saved[donor]
+            state = self.saved[donor][1]
             size = len(state)
         else:
             size = L.llama_state_seq_get_size(self.ctx, donor.seq)
@@ -439,27 +451,30 @@ class Scheduler:
     def _save(self, slot: _Slot) -> None:
         """Keep the slot's cells in RAM (`saved`, by their tokens) before they are dropped, unless
         a kept entry already starts with them; the least recently used go first past
-        `cache_bytes`. Not while a fork's copy is pending (the slot's cells may not hold its tokens
+        `cache_bytes` or `SAVED` entries. Not while a fork's copy is pending (the slot's cells may not hold its tokens
         yet), nor for fewer than 16 cells (evaluating them again is cheap)."""
         if self.cache_bytes <= 0 or self._copies_pending or slot.n_kv < 16:
             return
-        tokens = tuple(slot.cached[: slot.n_kv])
-        for saved in list(self.saved):
-            if saved[: len(tokens)] == tokens:   # held already, or a longer one is
-                self.saved.move_to_end(saved)
+        tokens = np.asarray(slot.cached[: slot.n_kv], dtype=np.int32)
+        for key, (held, _) in list(self.saved.items()):
+            n = _prefix(held, tokens)
+            if n == len(tokens):    # held already, or a longer one is
+                self.saved.move_to_end(key)
                 return
-            if tokens[: len(saved)] == saved:    # this one holds all of that one
-                del self.saved[saved]
+            if n == len(held):      # this one holds all of that one
+                del self.saved[key]
         size = L.llama_state_seq_get_size(self.ctx, slot.seq)
         if size > self.cache_bytes:
             return
         state = (ctypes.c_uint8 * size)()
         if L.llama_state_seq_get_data(self.ctx, state, size, slot.seq) != size:
             return
-        self.saved[tokens] = state
-        while sum(len(s) for s in self.saved.values()) > self.cache_bytes:
+        self.saved[tuple(slot.cached[: slot.n_kv])] = (tokens, state)
+        while len(self.saved) > self.SAVED or sum(len(s) for _, s in self.saved.values()) > self.cache_bytes:
             self.saved.popitem(last=False)
-        self.metrics.saved_bytes = sum(len(s) for s in self.saved.values())
+        self.metrics.saved_bytes = sum(len(s) for _, s in self.saved.values())
+
+    SAVED = 64  # entries in RAM at most: each admission compares its prompt with every one
 
     def _tokens(self, slot: _Slot):
         """The token stream reply_events reads: the slot's freshly sampled token."""
