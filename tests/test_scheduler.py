@@ -33,6 +33,17 @@ def wait(q: queue.Queue) -> Done:
     raise AssertionError("no Done")
 
 
+def solo(engine, tokens: list[int]) -> tuple[Done, Scheduler]:
+    """`tokens`' greedy reply alone on a fresh scheduler (closed), and that scheduler."""
+    alone = Scheduler(engine.llm, parallel=2, n_ctx=1024)
+    try:
+        q = queue.Queue()
+        alone.submit(Job(tokens, GREEDY, q.put))
+        return wait(q), alone
+    finally:
+        alone.close()
+
+
 def test_queue_cancel_and_prefix_reuse(engine):
     s = Scheduler(engine.llm, parallel=1, n_ctx=1024, queue_size=2, chunk=8)
     try:
@@ -230,15 +241,9 @@ def test_a_prefix_another_slot_holds_is_copied_not_evaluated(engine):
         assert s.metrics.borrowed_tokens == shared
     finally:
         s.close()
-    alone = Scheduler(engine.llm, parallel=2, n_ctx=1024)
-    try:
-        q = queue.Queue()
-        alone.submit(Job(second, GREEDY, q.put))
-        solo = wait(q)
-        assert solo.prompt_evaluated == len(second) and alone.metrics.borrowed_tokens == 0
-        assert done.text == solo.text
-    finally:
-        alone.close()
+    alone, by = solo(engine, second)
+    assert alone.prompt_evaluated == len(second) and by.metrics.borrowed_tokens == 0
+    assert done.text == alone.text
 
 
 def test_no_prefix_is_copied_from_a_fork_whose_own_copy_is_still_pending(engine):
@@ -285,13 +290,7 @@ def test_no_prefix_is_copied_from_a_fork_whose_own_copy_is_still_pending(engine)
         done = until_done(b)
     finally:
         s.close()
-    alone = Scheduler(engine.llm, parallel=2, n_ctx=1024)
-    try:
-        q = queue.Queue()
-        alone.submit(Job(other, GREEDY, q.put))
-        assert done.text == wait(q).text
-    finally:
-        alone.close()
+    assert done.text == solo(engine, other)[0].text
 
 
 def test_cells_a_new_request_drops_are_kept_in_ram_and_restored(engine, monkeypatch):
