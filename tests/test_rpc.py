@@ -173,13 +173,18 @@ def test_serve_answers_the_openai_client(workers, shared_dir, tmp_path):
     assert plain.choices[0].message.content == streamed == expected.stdout.strip()
 
 
+def spread(command: str, path, workers, doomed, *more: str) -> list[str]:
+    """`localmix COMMAND` on `path` split over a live worker and `doomed`, greedy and long."""
+    return [sys.executable, "-m", "localmix", command, path, "--rpc", f"{workers[0].endpoint},{doomed.endpoint}",
+            "--temp", "0", "-n", "4000", "--ctx", "4096", *more]
+
+
 def test_run_ends_with_one_line_when_a_worker_dies(workers, shared_dir):
     path = deep_gguf(shared_dir, "mixtral", "Q8_0")
     doomed = Worker()
     try:
-        run = subprocess.Popen([sys.executable, "-m", "localmix", "run", path, "--rpc",
-                                f"{workers[0].endpoint},{doomed.endpoint}", "--temp", "0", "-n", "4000", "--ctx",
-                                "4096", "--raw", PROMPT], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        run = subprocess.Popen(spread("run", path, workers, doomed, "--raw", PROMPT), cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert run.stdout.read(8)  # the reply has begun
         doomed.proc.kill()
         _, err = run.communicate(timeout=30)
@@ -194,10 +199,8 @@ def test_chat_goes_on_when_a_worker_dies(workers, shared_dir):
     path = deep_gguf(shared_dir, "mixtral", "Q8_0")
     doomed = Worker()
     try:
-        chat = subprocess.Popen([sys.executable, "-m", "localmix", "chat", path, "--rpc",
-                                 f"{workers[0].endpoint},{doomed.endpoint}", "--temp", "0", "-n", "4000", "--ctx",
-                                 "4096", "--no-history"], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+        chat = subprocess.Popen(spread("chat", path, workers, doomed, "--no-history"), cwd=REPO,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         chat.stdin.write(PROMPT.encode() + b"\n")
         chat.stdin.flush()
         assert chat.stdout.read(8)  # the reply has begun

@@ -126,6 +126,22 @@ def new_chat(d) -> None:
     wait(d, lambda: not css(d, "#messages .msg"), "New chat left messages on the page")
 
 
+def start_chat(d, max_tokens: int, text: str | None = None) -> None:
+    """A reply length set, a new conversation, and (with `text`) its first message sent."""
+    set_field(d, "max_tokens", max_tokens)
+    new_chat(d)
+    if text is not None:
+        type_message(d, text)
+
+
+def edit_first(d, keys) -> None:
+    """The conversation's first user message edited to `keys` (typed: a newline or ENTER sends)."""
+    css(d, "#messages .msg.user")[0].find_element("xpath", ".//button[text()='Edit']").click()
+    edit = css(d, "#messages textarea.edit")[0]
+    edit.clear()
+    edit.send_keys(*keys)
+
+
 def type_message(d, text: str, send: bool = True) -> None:
     from selenium.webdriver.common.keys import Keys
 
@@ -210,9 +226,7 @@ def test_the_page_loads_and_shows_the_model_and_the_servers_defaults(browser, we
 
 def test_a_reply_streams_in_several_steps_and_ends_with_its_stats(page, web):
     browser = page
-    set_field(browser, "max_tokens", 600)  # seconds of streaming on a CPU, still a few tenths on a fast GPU
-    new_chat(browser)
-    type_message(browser, "Tell me a story.")
+    start_chat(browser, 600, "Tell me a story.")  # seconds of streaming on a CPU, still a few tenths on a fast GPU
     seen = []  # the reply's length, read while the page says it is streaming
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
@@ -236,9 +250,7 @@ def test_a_reply_streams_in_several_steps_and_ends_with_its_stats(page, web):
 def test_stop_cancels_the_reply_and_the_server_frees_the_slot(page, web):
     browser = page
     before = web.metrics()["cancelled_total"]
-    set_field(browser, "max_tokens", 1500)
-    new_chat(browser)
-    type_message(browser, "Count to a thousand.")
+    start_chat(browser, 1500, "Count to a thousand.")
     wait(browser, lambda: replies(browser) and len(replies(browser)[-1].text) > 20, "no reply text")
     assert state(browser) == "streaming"
     css(browser, "#stop")[0].click()
@@ -257,9 +269,7 @@ def test_escape_stops_a_reply(page, web):
     browser = page
     from selenium.webdriver.common.keys import Keys
 
-    set_field(browser, "max_tokens", 1500)
-    new_chat(browser)
-    type_message(browser, "Again.")
+    start_chat(browser, 1500, "Again.")
     wait(browser, lambda: replies(browser) and len(replies(browser)[-1].text) > 20, "no reply text")
     css(browser, "#input")[0].send_keys(Keys.ESCAPE)
     wait(browser, lambda: state(browser) == "idle", "Esc did not stop the reply")
@@ -268,9 +278,7 @@ def test_escape_stops_a_reply(page, web):
 
 def test_regenerate_replaces_the_last_reply(page, web):
     browser = page
-    set_field(browser, "max_tokens", 12)
-    new_chat(browser)
-    type_message(browser, "Hello")
+    start_chat(browser, 12, "Hello")
     finished(browser)
     requests = web.metrics()["requests_total"]
     replies(browser)[-1].find_element("xpath", ".//button[text()='Regenerate']").click()
@@ -284,8 +292,7 @@ def test_edit_and_resend_with_the_keyboard(page, web):
     browser = page
     from selenium.webdriver.common.keys import Keys
 
-    set_field(browser, "max_tokens", 8)
-    new_chat(browser)
+    start_chat(browser, 8)
     box = css(browser, "#input")[0]
     box.send_keys("line one", Keys.SHIFT, Keys.ENTER, Keys.NULL, "line two")  # Shift+Enter: a new line
     assert state(browser) == "idle" and not css(browser, "#messages .msg")
@@ -295,10 +302,7 @@ def test_edit_and_resend_with_the_keyboard(page, web):
     finished(browser)
     assert [role for role, _ in messages(browser)] == ["user", "assistant"] * 2
     assert messages(browser)[0][1] == "line one\nline two"
-    css(browser, "#messages .msg.user")[0].find_element("xpath", ".//button[text()='Edit']").click()
-    edit = css(browser, "#messages textarea.edit")[0]
-    edit.clear()
-    edit.send_keys("edited", Keys.ENTER)
+    edit_first(browser, ("edited", Keys.ENTER))
     finished(browser)
     assert [(role, text if role == "user" else "") for role, text in messages(browser)] == [
         ("user", "edited"), ("assistant", "")]
@@ -308,9 +312,7 @@ def test_a_reload_keeps_the_conversations_and_a_rename(page, web):
     browser = page
     from selenium.webdriver.common.keys import Keys
 
-    set_field(browser, "max_tokens", 8)
-    new_chat(browser)
-    type_message(browser, "Remember me")
+    start_chat(browser, 8, "Remember me")
     finished(browser)
     reply = messages(browser)[-1][1]
     current = css(browser, "#conversations li.current")[0]
@@ -335,19 +337,14 @@ def test_a_conversation_over_the_context_says_so(page, web):
     error = replies(browser)[-1].find_element("css selector", ".error").text
     assert error.startswith("The conversation does not fit: the prompt has") and "context holds 2048" in error
     set_field(browser, "max_tokens", 4)  # shortened, the message goes through
-    css(browser, "#messages .msg.user")[0].find_element("xpath", ".//button[text()='Edit']").click()
-    edit = css(browser, "#messages textarea.edit")[0]
-    edit.clear()
-    edit.send_keys("short\n")
+    edit_first(browser, ("short\n",))
     finished(browser)
     assert not css(browser, "#messages .error")
 
 
 def test_delete_asks_then_removes(page, web):
     browser = page
-    set_field(browser, "max_tokens", 4)
-    new_chat(browser)
-    type_message(browser, "Delete me")
+    start_chat(browser, 4, "Delete me")
     finished(browser)
 
     def titles():
