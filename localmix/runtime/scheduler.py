@@ -242,10 +242,9 @@ class Scheduler:
         # read, nor write into a slot that copy would then overwrite
         self._copies_pending = False
         self.cache_bytes = cache_bytes
-        # cells kept in RAM (`_save`): their tokens -> (the tokens as an array, llama.cpp's sequence
+        # cells kept in RAM (`_save`): their tokens' bytes -> (the tokens, llama.cpp's sequence
         # state), least recently used first; at most SAVED entries, each looked at per admission
-        self.saved: collections.OrderedDict[tuple[int, ...], tuple[np.ndarray, ctypes.Array]] = \
-            collections.OrderedDict()
+        self.saved: collections.OrderedDict[bytes, tuple[np.ndarray, ctypes.Array]] = collections.OrderedDict()
         if thread:
             self._running = True
             threading.Thread(target=self.run, name="localmix-scheduler", daemon=True).start()
@@ -420,7 +419,7 @@ class Scheduler:
         donor, shared, length = None, keep, 0
         for s in self.slots:
             if s is not slot and s.n_kv > shared:
-                n = min(common_prefix(s.cached[: s.n_kv], tokens), len(tokens) - 1)
+                n = min(common_prefix(s.cached, tokens), s.n_kv, len(tokens) - 1)  # its cells: the first n_kv
                 if n > shared:
                     donor, shared, length = s, n, s.n_kv
         if self.saved:
@@ -432,7 +431,7 @@ class Scheduler:
                         donor, shared, length = key, n, len(held)
         if donor is None or (shared - keep) * 4 < length:
             return keep
-        if isinstance(donor, tuple):  # kept in RAM
+        if isinstance(donor, bytes):  # kept in RAM
             self.saved.move_to_end(donor)
             state = self.saved[donor][1]
             size = len(state)
@@ -451,8 +450,9 @@ class Scheduler:
     def _save(self, slot: _Slot) -> None:
         """Keep the slot's cells in RAM (`saved`, by their tokens) before they are dropped, unless
         a kept entry already starts with them; the least recently used go first past
-        `cache_bytes` or `SAVED` entries. Not while a fork's copy is pending (the slot's cells may not hold its tokens
-        yet), nor for fewer than 16 cells (evaluating them again is cheap)."""
+        `cache_bytes` or `SAVED` entries. Not while a fork's copy is pending (the slot's cells
+        may not hold its tokens yet), nor for fewer than 16 cells (evaluating them again is
+        cheap)."""
         if self.cache_bytes <= 0 or self._copies_pending or slot.n_kv < 16:
             return
         tokens = np.asarray(slot.cached[: slot.n_kv], dtype=np.int32)
@@ -469,7 +469,7 @@ class Scheduler:
         state = (ctypes.c_uint8 * size)()
         if L.llama_state_seq_get_data(self.ctx, state, size, slot.seq) != size:
             return
-        self.saved[tuple(slot.cached[: slot.n_kv])] = (tokens, state)
+        self.saved[tokens.tobytes()] = (tokens, state)
         while len(self.saved) > self.SAVED or sum(len(s) for _, s in self.saved.values()) > self.cache_bytes:
             self.saved.popitem(last=False)
         self.metrics.saved_bytes = sum(len(s) for _, s in self.saved.values())
