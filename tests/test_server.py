@@ -210,8 +210,14 @@ def test_non_loopback_bind_needs_a_key(converted):
     r = run_localmix("serve", converted("mixtral", "Q8_0"), "--host", "0.0.0.0", "--port", "1",
                      env={k: v for k, v in os.environ.items() if k != "LOCALMIX_API_KEY"})
     assert r.returncode == 2 and "--api-key" in r.stderr and "Traceback" not in r.stderr
-    r = run_localmix("serve", converted("mixtral", "Q8_0"), "--cache-ram", "lots", "--port", "1")
-    assert r.returncode == 2 and "'lots'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flags,words", [(("--cache-ram", "lots"), "'lots'"), (("--cache-ram", "-5"), "negative"),
+                                         (("--cache-ram", "1e999"), "'1e999'"), (("--ram", "inf"), "'inf'")])
+def test_bad_sizes_are_one_line_errors(converted, flags, words):
+    r = run_localmix("serve", converted("mixtral", "Q8_0"), *flags, "--port", "1")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and words in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
 def test_eight_clients_four_slots_interleave(server):

@@ -126,6 +126,9 @@ def parse_size(text: str) -> int:
     unit = t[-1] if t[-1:].isalpha() else ""
     try:
         value = float(t[:-1] if unit else t)
-        return int(value * units[unit])
-    except (ValueError, KeyError):
+        size = int(value * units[unit])  # inf and nan raise here
+    except (ValueError, KeyError, OverflowError):
         raise InputError(f"cannot read {text!r} as a size; write e.g. 24GiB or 512MiB") from None
+    if size < 0:
+        raise InputError(f"a size cannot be negative: {text!r}")
+    return size
