@@ -174,6 +174,10 @@ def test_llama_server_sampling_names(client):
     with pytest.raises(openai.BadRequestError) as e:
         reply(extra_body={"repeat_penalty": 1.0, "repetition_penalty": 1.2})
     assert e.value.body["param"] == "repeat_penalty"
+    for name in ("repeat_penalty", "repetition_penalty"):  # llama.cpp divides logits by it
+        with pytest.raises(openai.BadRequestError) as e:
+            reply(extra_body={name: 0})
+        assert name in str(e.value)
 
 
 def test_bad_input_statuses(server):

@@ -43,7 +43,7 @@ class Options(BaseModel):
     top_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     top_k: Optional[int] = Field(None, ge=0)
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
-    repeat_penalty: Optional[float] = Field(None, ge=0.0)
+    repeat_penalty: Optional[float] = Field(None, gt=0.0)
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     seed: Optional[int] = Field(None, ge=0, lt=2**32)

@@ -119,9 +119,9 @@ class Common(_Strict):
     random_seed: Optional[int] = Field(None, ge=0, lt=2**32)
     safe_prompt: bool = False
     top_k: Optional[int] = Field(None, ge=0)
-    repetition_penalty: Optional[float] = Field(None, ge=0.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0)  # llama.cpp divides by it
     # llama.cpp's server's names (llama-server clients send them)
-    repeat_penalty: Optional[float] = Field(None, ge=0.0)
+    repeat_penalty: Optional[float] = Field(None, gt=0.0)
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
 
 
